@@ -1,0 +1,177 @@
+"""Typed configuration: one dataclass per component, a docstring (the string after it) per field.
+
+Model architectures are named flavors in code (models/llama/args.py); TOML holds run knobs.
+`feixing print-config` shows every field with its doc, read from this file's source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Folder that holds everything a run writes: config.toml, metrics.jsonl, checkpoints/, telemetry/."""
+    seed: int = 0
+    """Seed for parameter init, data order and dropout-free sampling; identical on every rank."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"
+    """Model family; `llama` covers Llama 2/3 and Qwen2-style variants."""
+    flavor: str = "demo"
+    """Named architecture in models/llama/args.py (demo, tiny, 1b, 8b, 70b, qwen2-0.5b, ...)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 = take it from the tokenizer, rounded up to a multiple of 64."""
+    max_seq_len: int = 0
+    """Longest sequence the RoPE tables cover; 0 = data.seq_len."""
+    hf_checkpoint: str = ""
+    """Optional HF folder (config.json + safetensors) to start from instead of random init."""
+    attention_backend: str = "auto"
+    """Attention kernel: auto | reference | cpu_flash | cuda_flash | npu_fusion."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate_degree: int = 1
+    """Data-parallel replicas (DDP-style, gradients all-reduced across them)."""
+    dp_shard_degree: int = -1
+    """FSDP2 sharding degree; -1 = whatever world size remains after the other degrees."""
+    cp_ulysses_degree: int = 1
+    """Ulysses (all-to-all over heads) context-parallel degree; put it on fast intra-node links."""
+    cp_ring_degree: int = 1
+    """Ring (point-to-point KV rotation) context-parallel degree; spans nodes."""
+    cp_mode: str = "ring"
+    """How the ring dimension exchanges KV: ring (p2p, double-buffered) | allgather (Llama-3 style)."""
+    tp_degree: int = 1
+    """Tensor-parallel degree (reserved; must be 1 for now)."""
+    activation_checkpoint: str = "none"
+    """Activation checkpointing: none | full (recompute every block in backward)."""
+    compile: bool = False
+    """Wrap each transformer block in torch.compile."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"
+    """Folder of token shards written by `feixing prepare`."""
+    tokenizer: str = "byte"
+    """`byte` (no files needed) or the path of a HF tokenizer.json."""
+    seq_len: int = 256
+    """Tokens per packed sequence (per sample, before context-parallel sharding)."""
+    batch_size: int = 8
+    """Global batch in sequences per optimizer step (split over data-parallel ranks and micro-batches)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    document_masking: bool = True
+    """Packed documents attend only within themselves (document ids) and restart positions."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms and biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 = no clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run (total, including steps before a resume)."""
+    dtype: str = "fp32"
+    """Compute precision: fp32 | bf16 (bf16 params/activations in compute, fp32 master weights and reductions)."""
+    nonfinite_loss: str = "skip"
+    """What to do on a NaN/inf loss or gradient norm: skip (drop the step, warn) | stop (raise)."""
+    max_skipped_steps: int = 10
+    """Stop after this many consecutive skipped steps even in skip mode."""
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = 1
+    """Write a metrics.jsonl record and a progress line every this many steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under run.dir/tensorboard (needs the tensorboard extra)."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save every this many steps; 0 = no checkpoints."""
+    keep: int = 3
+    """Keep the newest `keep` committed checkpoints (the newest is never pruned)."""
+    keep_every: int = 0
+    """Additionally keep every checkpoint whose step is a multiple of this; 0 = none."""
+    async_save: bool = True
+    """Persist in a background process while training continues (TOML key `async`)."""
+    verify_checksums: bool = True
+    """Verify sha256 of every file on load (sizes are always verified)."""
+    on_error: str = "continue"
+    """When a save fails (disk full, permissions): continue (warn, keep training) | stop."""
+
+
+@dataclass
+class TelemetryConfig:
+    enabled: bool = True
+    """Always-on per-rank, per-phase timings written under run.dir/telemetry/."""
+    canary_interval: int = 50
+    """Run the dispatch, collective and memory canaries every this many steps; 0 = never."""
+    online_detect: bool = True
+    """Run detectors during training and print warnings into the log."""
+    hang_timeout_s: float = 600.0
+    """Collective timeout after which the watchdog records each rank's last collectives."""
+
+
+@dataclass
+class FaultConfig:
+    kind: str = "slow_rank"
+    """slow_rank | dispatch_ramp | slow_link | slow_data | gc_storm | checkpoint_stall | hang."""
+    ranks: list[int] = field(default_factory=list)
+    """Ranks the fault applies to; empty = all ranks."""
+    start_step: int = 0
+    """First step with the fault."""
+    magnitude: float = 0.1
+    """Extra fraction of a step; for dispatch_ramp, growth per 100 steps."""
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA, hccl on Ascend, gloo on CPU) | nccl | hccl | gloo."""
+    device: str = "auto"
+    """auto | cuda | npu | cpu."""
+    timeout_s: float = 600.0
+    """Collective timeout in seconds."""
+    threads_per_rank: int = 1
+    """torch intra-op threads per process on CPU (1 avoids oversubscription)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    faults: list[FaultConfig] = field(default_factory=list)
+    """Injected faults for tests and evaluation (TOML `[[faults]]`); off when empty."""
