@@ -135,6 +135,12 @@ class TelemetryConfig:
     """Run detectors during training and print warnings into the log."""
     hang_timeout_s: float = 600.0
     """Collective timeout after which the watchdog records each rank's last collectives."""
+    detect_interval: int = 10
+    """Online detection: every this many steps all ranks all-gather a few medians (one tiny collective); 0 = never."""
+    flush_interval: int = 100
+    """Buffered telemetry records are written to disk every this many records."""
+    probe_bytes: int = 262144
+    """Payload of the bandwidth probes (ring links and all_reduce per group), in bytes."""
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""Canaries run every `canary_interval` steps: host dispatch latency, ring-link and group collective probes, memory.
+
+Every rank runs the same canaries at the same step (they contain collectives). Each returns
+plain floats for the rank's JSONL record:
+
+- dispatch: a fixed sequence of tiny operators; host time to issue them (min of 3 repeats, since
+  the minimum is the least disturbed by other processes). On CUDA the device time of the same
+  sequence comes from events read back at the next canary, so the canary never synchronizes.
+- links: every rank sends to its right ring neighbour and receives from its left one; the time
+  until the receive completes is the latency (1 float) and bandwidth (`probe_bytes`) of link
+  left -> self. A slow link therefore shows at the receiving end.
+- groups: all_reduce latency and bandwidth in each named process group.
+- memory: resident set size (and CUDA allocated / reserved when on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+N_DISPATCH_OPS = 96
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:  # not Linux: fall back to the peak, which is what getrusage offers
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Canaries:
+    """State kept between canary runs (tensors reused, pending CUDA events)."""
+
+    def __init__(self, device_type: str, rank: int, world_size: int, groups: dict, probe_bytes: int):
+        self.device = torch.device(device_type if device_type != "cuda" else f"cuda:{torch.cuda.current_device()}") \
+            if device_type in ("cuda", "cpu") else torch.device(device_type)
+        self.cuda = device_type == "cuda"
+        self.rank, self.world_size, self.groups = rank, world_size, groups
+        n = max(probe_bytes // 4, 1)
+        self._x = torch.ones(8, device=self.device)
+        self._small = torch.zeros(1, device=self.device)
+        self._small_r = torch.zeros(1, device=self.device)
+        self._big = torch.zeros(n, device=self.device)
+        self._big_r = torch.zeros(n, device=self.device)
+        self._pending = None  # (start_event, end_event) of the last dispatch canary on CUDA
+        self._dispatch_base = None
+
+    def _dispatch_once(self) -> None:
+        x = self._x
+        for _ in range(N_DISPATCH_OPS // 3):
+            x = x * 1.0001
+            x = x + 0.0001
+            x = torch.relu(x)
+
+    def dispatch(self, faults, step) -> dict:
+        out = {}
+        if self.cuda and self._pending is not None and self._pending[1].query():
+            out["dispatch_dev_s"] = self._pending[0].elapsed_time(self._pending[1]) / 1e3
+            self._pending = None
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            if self.cuda and self._pending is None:
+                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                ev[0].record()
+                self._dispatch_once()
+                ev[1].record()
+                self._pending = ev
+            else:
+                self._dispatch_once()
+            if faults is not None:
+                if self._dispatch_base is None:
+                    self._dispatch_base = time.perf_counter() - t0
+                from feixing.diagnose.faults import wait
+                wait(faults.dispatch_extra(step, self._dispatch_base))
+            best = min(best, time.perf_counter() - t0)
+        out["dispatch_s"] = best
+        return out
+
+    def _ring(self, send, recv, delay: float) -> float:
+        """Send to the right neighbour, receive from the left; seconds until the receive is done."""
+        right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        t0 = time.perf_counter()
+        if delay > 0:
+            from feixing.diagnose.faults import wait
+            wait(delay)
+        rs = dist.isend(send, right)
+        rr = dist.irecv(recv, left)
+        rr.wait()
+        dt = time.perf_counter() - t0
+        rs.wait()
+        return dt
+
+    def links(self, faults, step) -> dict:
+        if self.world_size < 2:
+            return {}
+        delay = faults.link_delay(step) if faults is not None else 0.0
+        dist.barrier()
+        lat = min(self._ring(self._small, self._small_r, delay) for _ in range(2))
+        bw_t = self._ring(self._big, self._big_r, delay)
+        return {"link_from": (self.rank - 1) % self.world_size, "link_lat_s": lat,
+                "link_bw_gbs": self._big.numel() * 4 / max(bw_t, 1e-9) / 1e9}
+
+    def group_probes(self) -> dict:
+        out = {}
+        for name, g in self.groups.items():
+            if (dist.get_world_size(g) if g is not None else self.world_size) < 2:
+                continue
+            t0 = time.perf_counter()
+            dist.all_reduce(self._small, group=g)
+            t1 = time.perf_counter()
+            dist.all_reduce(self._big, group=g)
+            t2 = time.perf_counter()
+            out[f"ar_{name}_lat_s"] = t1 - t0
+            out[f"ar_{name}_bw_gbs"] = self._big.numel() * 4 / max(t2 - t1, 1e-9) / 1e9
+        self._big.zero_()
+        return out
+
+    def memory(self) -> dict:
+        out = {"rss_mb": rss_mb()}
+        if self.cuda:
+            out["cuda_alloc_mb"] = torch.cuda.memory_allocated() / 2**20
+            out["cuda_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
+        return out
+
+    def run(self, faults, step) -> dict:
+        rec = self.dispatch(faults, step)
+        if dist.is_available() and dist.is_initialized():
+            rec.update(self.links(faults, step))
+            rec.update(self.group_probes())
+        rec.update(self.memory())
+        return rec

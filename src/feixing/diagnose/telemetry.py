@@ -1,0 +1,272 @@
+"""Always-on per-rank telemetry: phase timers, GC pauses, canaries, buffered JSONL, online detection.
+
+Usage inside a training loop (see docs/doctor.md):
+
+    tele = Telemetry(cfg.telemetry, faults=cfg.faults, run_dir=..., rank=..., world_size=...)
+    with tele.phase("data"): ...
+    with tele.phase("forward"): ...
+    tele.end_step(step)
+    tele.close()
+
+Each rank appends to its own `run_dir/telemetry/rank-XXXXX.jsonl` (one `step` record per step,
+a `canary` record every `canary_interval` steps), buffered in memory and written every
+`flush_interval` steps, so the step never waits on the disk or on another rank. Phase times are
+host wall times net of GC pauses (which are reported separately as `gc`); on CUDA each phase
+also records a pair of events whose device time is read back a few steps later, never
+synchronizing. `step_s` is the time from the end of the previous `end_step` to this one, so the
+telemetry's own work (`tele_s`) is not counted in the step it measures.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from collections import deque
+from time import perf_counter
+
+import torch
+
+from feixing.diagnose.faults import FaultInjector
+from feixing.diagnose.probes import Canaries
+from feixing.diagnose.watchdog import Heartbeat, Watchdog
+
+log = logging.getLogger("feixing.diagnose")
+
+# The signals each rank contributes to the online all_gather (per detect_interval window).
+ONLINE_SIGNALS = ("step", "data", "compute", "gc", "comm", "checkpoint")
+COMPUTE_PHASES = ("forward", "backward", "optimizer")
+
+
+class _Phase:
+    """Reusable context manager for one phase name (no generator, no allocation per use)."""
+
+    __slots__ = ("tele", "name", "t0", "gc0", "ev")
+
+    def __init__(self, tele: Telemetry, name: str):
+        self.tele, self.name, self.ev = tele, name, None
+
+    def __enter__(self):
+        tele = self.tele
+        self.t0 = perf_counter()
+        if tele._faults is not None:
+            tele._faults.before_phase(self.name, tele._cur_step, tele._history)
+        tele._hb.enter(self.name, tele._cur_step)
+        self.gc0 = tele._gc_total
+        if tele._cuda:
+            self.ev = torch.cuda.Event(enable_timing=True)
+            self.ev.record()
+        return self
+
+    def __exit__(self, *exc):
+        tele = self.tele
+        dt = perf_counter() - self.t0 - (tele._gc_total - self.gc0)
+        acc = tele._acc
+        acc[self.name] = acc.get(self.name, 0.0) + dt
+        tele._hb.exit()
+        if self.ev is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            tele._events.append((tele._cur_step, self.name, self.ev, end))
+            self.ev = None
+        return False
+
+
+class _Off:
+    """What `phase()` returns when telemetry is disabled."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Telemetry:
+    """Per-rank phase timers and canaries; see the module docstring for the record format."""
+
+    def __init__(self, cfg, faults=None, run_dir: str = ".", rank: int = 0, world_size: int = 1,
+                 group=None, device_type: str = "cpu"):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.enabled = bool(cfg.enabled)
+        self._faults = FaultInjector(faults, rank, world_size) if faults else None
+        self._off = _Off()
+        self._closed = False
+        if not self.enabled:
+            if faults:
+                log.warning("telemetry.enabled = false: faults are injected only while telemetry is on")
+            return
+        self.dir = os.path.join(run_dir, "telemetry")
+        os.makedirs(self.dir, exist_ok=True)
+        self.groups = group if isinstance(group, dict) else {"world": group}
+        self._cuda = device_type == "cuda" and torch.cuda.is_available()
+        self._phases: dict[str, _Phase] = {}
+        self._acc: dict[str, float] = {}
+        self._events: deque = deque()
+        self._dev_pending: dict = {}
+        self._history: deque = deque(maxlen=64)  # recent step records, for faults and online windows
+        self._buf: list[str] = []
+        self._cur_step = None
+        self._gc_total, self._gc_n, self._gc_t0 = 0.0, 0, 0.0
+        self._gc_step0, self._gc_n0 = 0.0, 0
+        self._tele_s = 0.0
+        self._tele_total, self._steps = 0.0, 0
+        self._hb = Heartbeat()
+        self._file = open(os.path.join(self.dir, f"rank-{rank:05d}.jsonl"), "a")
+        self.canaries = Canaries(device_type, rank, world_size, self.groups, int(cfg.probe_bytes)) \
+            if cfg.canary_interval > 0 else None
+        self.detector = None
+        if cfg.online_detect and rank == 0 and world_size > 1:
+            from feixing.diagnose.detect import OnlineDetector
+            self.detector = OnlineDetector(world_size)
+        self.watchdog = Watchdog(self._hb, self.dir, rank, world_size, cfg.hang_timeout_s) \
+            if cfg.hang_timeout_s > 0 else None
+        gc.callbacks.append(self._on_gc)
+        meta = {"type": "meta", "rank": rank, "world_size": world_size, "device_type": device_type,
+                "pid": os.getpid(), "time": time.time(),
+                "canary_interval": cfg.canary_interval, "detect_interval": cfg.detect_interval,
+                "faults": [vars(f) for f in (faults or [])]}
+        self._file.write(json.dumps(meta) + "\n")
+        self._file.flush()
+        self._t_step0 = perf_counter()
+
+    # ----- the hot path ---------------------------------------------------------------------
+
+    def _on_gc(self, event: str, info: dict) -> None:
+        if event == "start":
+            self._gc_t0 = perf_counter()
+        else:
+            self._gc_total += perf_counter() - self._gc_t0
+            self._gc_n += 1
+
+    def phase(self, name: str):
+        """Context manager timing one phase of the current step (phases must not nest)."""
+        if not self.enabled:
+            return self._off
+        p = self._phases.get(name)
+        if p is None:
+            p = self._phases[name] = _Phase(self, name)
+        return p
+
+    def end_step(self, step: int) -> None:
+        """Close the step: write its record; run canaries / online detection when due."""
+        if not self.enabled:
+            return
+        t_in = perf_counter()
+        step_s = t_in - self._t_step0
+        acc = self._acc
+        rec = {"step": step, "step_s": step_s, "ph": acc, "gc_s": self._gc_total - self._gc_step0,
+               "gc_n": self._gc_n - self._gc_n0, "tele_s": self._tele_s}
+        self._gc_step0, self._gc_n0 = self._gc_total, self._gc_n
+        self._acc = {}
+        self._history.append(rec)
+        self._buf.append(_line("step", rec))
+        if self._cuda:
+            self._read_events(step)
+        cfg = self.cfg
+        if self.canaries is not None and step % cfg.canary_interval == 0:
+            t0 = perf_counter()
+            self._hb.enter("canary", step)
+            c = self.canaries.run(self._faults, step)
+            self._hb.exit()
+            c["step"], c["cost_s"] = step, perf_counter() - t0
+            self._buf.append(json.dumps({"type": "canary", **c}) + "\n")
+        if cfg.online_detect and self.world_size > 1 and cfg.detect_interval > 0 \
+                and step % cfg.detect_interval == 0:
+            self._online(step)
+        if len(self._buf) >= cfg.flush_interval:
+            self.flush()
+        self._cur_step = step + 1
+        t_out = perf_counter()
+        self._tele_s = t_out - t_in
+        self._tele_total += self._tele_s
+        self._steps += 1
+        self._t_step0 = t_out
+
+    # ----- periodic work ---------------------------------------------------------------------
+
+    def _read_events(self, step: int) -> None:
+        """Device time per phase from CUDA events that have completed; never synchronizes."""
+        ev = self._events
+        while ev and ev[0][3].query():
+            s, name, a, b = ev.popleft()
+            d = self._dev_pending.setdefault(s, {})
+            d[name] = d.get(name, 0.0) + a.elapsed_time(b) / 1e3
+        done = [s for s in self._dev_pending if not ev or s < ev[0][0]]
+        for s in done:
+            self._buf.append(json.dumps({"type": "device", "step": s, "dev": self._dev_pending.pop(s)}) + "\n")
+
+    def _online(self, step: int) -> None:
+        """All-gather a few medians per rank (one tiny collective) and run the online detectors."""
+        import torch.distributed as dist
+        t0 = perf_counter()
+        window = list(self._history)[-self.cfg.detect_interval:]
+        vec = torch.tensor([_median([_signal(r, s) for r in window]) for s in ONLINE_SIGNALS],
+                           dtype=torch.float64)
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        out = [torch.empty_like(vec) for _ in range(self.world_size)]
+        self._hb.enter("telemetry_gather", step)  # a hang here is watched like any phase
+        dist.all_gather(out, vec)
+        self._hb.exit()
+        gather_s = perf_counter() - t0
+        if self.detector is not None:
+            for msg in self.detector.update(step, torch.stack(out).numpy()):
+                log.warning("doctor: %s", msg)
+        self._buf.append(json.dumps({"type": "online", "step": step, "gather_s": gather_s,
+                                     "cost_s": perf_counter() - t0}) + "\n")
+
+    def flush(self) -> None:
+        if self.enabled and self._buf and not self._file.closed:
+            self._file.write("".join(self._buf))
+            self._file.flush()
+            self._buf.clear()
+
+    def overhead(self) -> float:
+        """Telemetry's own time in end_step (canaries, gathers, writes) as a fraction of step time."""
+        steps = [r["step_s"] for r in self._history]
+        mean_step = sum(steps) / len(steps) if steps else 0.0
+        return (self._tele_total / max(self._steps, 1)) / mean_step if mean_step else 0.0
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._faults is not None:
+            self._faults.release.set()
+        if not self.enabled:
+            return
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+        if self.watchdog is not None:
+            self.watchdog.close()
+        self.flush()
+        self._file.close()
+
+
+def _signal(rec: dict, name: str) -> float:
+    ph = rec["ph"]
+    if name == "step":
+        return rec["step_s"]
+    if name == "gc":
+        return rec["gc_s"]
+    if name == "compute":
+        return sum(ph.get(p, 0.0) for p in COMPUTE_PHASES)
+    return ph.get(name, 0.0)
+
+
+def _median(xs: list[float]) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _line(kind: str, rec: dict) -> str:
+    """One JSONL line; floats rounded to 1 us so records stay small."""
+    ph = ",".join(f'"{k}":{v:.6f}' for k, v in rec["ph"].items())
+    return (f'{{"type":"{kind}","step":{rec["step"]},"step_s":{rec["step_s"]:.6f},"ph":{{{ph}}},'
+            f'"gc_s":{rec["gc_s"]:.6f},"gc_n":{rec["gc_n"]},"tele_s":{rec["tele_s"]:.6f}}}\n')

@@ -1,0 +1,140 @@
+"""Hang watchdog: a per-rank heartbeat file and a thread that names the rank that did not arrive.
+
+The training thread only updates a few attributes at every phase entry and exit (a sequence
+number, the step and phase, and a short ring of recent phases); it never touches the disk. A
+daemon thread writes that state to `telemetry/heartbeat/rank-XXXXX.json` when it changed, and
+checks whether the current phase has been open longer than `hang_timeout_s`. Phases are entered
+in the same order on every rank (SPMD), so when one rank stalls, the ranks waiting for it in a
+collective hold a higher sequence number than the rank that never arrived. The first rank whose
+timeout fires writes `telemetry/hang-rank-XXXXX.json` with every rank's heartbeat and the ranks
+that are behind, and logs it. The watchdog does not kill anything: the collective's own timeout
+still ends the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+
+log = logging.getLogger("feixing.diagnose")
+
+
+class Heartbeat:
+    """What the training thread updates; plain attributes, so an update costs < 1 us."""
+
+    __slots__ = ("seq", "step", "phase", "open", "t_enter", "recent")
+
+    def __init__(self):
+        self.seq, self.step, self.phase, self.open, self.t_enter = 0, None, "", False, time.time()
+        self.recent: deque = deque(maxlen=8)
+
+    def enter(self, phase: str, step) -> None:
+        self.seq += 1
+        self.step, self.phase, self.open, self.t_enter = step, phase, True, time.time()
+        self.recent.append((self.seq, step, phase, self.t_enter))
+
+    def exit(self) -> None:
+        self.open = False
+
+    def snapshot(self) -> dict:
+        return {"seq": self.seq, "step": self.step, "phase": self.phase, "open": self.open,
+                "t_enter": self.t_enter, "recent": [list(r) for r in self.recent]}
+
+
+def laggards(beats: dict[int, dict], world_size: int) -> tuple[list[int], list[int]]:
+    """(ranks behind the furthest rank, ranks with no heartbeat) from {rank: snapshot}."""
+    missing = [r for r in range(world_size) if r not in beats]
+    if not beats:
+        return [], missing
+    top = max(b["seq"] for b in beats.values())
+    return sorted(r for r, b in beats.items() if b["seq"] < top), missing
+
+
+class Watchdog:
+    """Background thread: persists the heartbeat and reports a hang once per stalled phase."""
+
+    def __init__(self, hb: Heartbeat, tele_dir: str, rank: int, world_size: int, timeout_s: float):
+        self.hb, self.rank, self.world_size, self.timeout_s = hb, rank, world_size, timeout_s
+        self.dir = os.path.join(tele_dir, "heartbeat")
+        self.tele_dir = tele_dir
+        os.makedirs(self.dir, exist_ok=True)
+        self.poll_s = min(max(timeout_s / 5, 0.05), 5.0)
+        self._stop = threading.Event()
+        self._written = None
+        self._reported_seq = -1
+        self.reports: list[dict] = []
+        self._thread = threading.Thread(target=self._loop, name=f"feixing-watchdog-{rank}", daemon=True)
+        self._thread.start()
+
+    def _path(self, rank: int) -> str:
+        return os.path.join(self.dir, f"rank-{rank:05d}.json")
+
+    def write(self) -> None:
+        snap = self.hb.snapshot()
+        key = (snap["seq"], snap["open"])
+        if key == self._written:
+            return
+        snap["time"] = time.time()
+        tmp = self._path(self.rank) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(snap, f)
+        os.replace(tmp, self._path(self.rank))
+        self._written = key
+
+    def read_all(self) -> dict[int, dict]:
+        beats = {}
+        for r in range(self.world_size):
+            try:
+                with open(self._path(r)) as f:
+                    beats[r] = json.load(f)
+            except (OSError, ValueError):
+                continue
+        return beats
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.write()
+                hb = self.hb
+                if hb.open and hb.seq != self._reported_seq and time.time() - hb.t_enter > self.timeout_s:
+                    self._reported_seq = hb.seq
+                    self.report()
+            except Exception as e:  # noqa: BLE001 - a watchdog must never kill training
+                log.debug("watchdog: %s", e)
+
+    def report(self) -> dict:
+        self.write()
+        time.sleep(self.poll_s)  # let the peers' watchdogs persist their latest state
+        beats = self.read_all()
+        behind, missing = laggards(beats, self.world_size)
+        hb = self.hb
+        rep = {"reporter": self.rank, "time": time.time(), "timeout_s": self.timeout_s,
+               "step": hb.step, "phase": hb.phase, "seq": hb.seq,
+               "behind": behind, "missing": missing, "heartbeats": {str(r): b for r, b in beats.items()}}
+        path = os.path.join(self.tele_dir, f"hang-rank-{self.rank:05d}.json")
+        with open(path, "w") as f:
+            json.dump(rep, f, indent=1)
+        self.reports.append(rep)
+        names = behind + missing
+        if names:
+            detail = "; ".join(f"rank {r}: last phase {beats[r]['phase']!r} of step {beats[r]['step']}"
+                               for r in behind)
+            log.error("HANG: rank %d waited %.0f s in %r of step %s; rank(s) %s did not arrive (%s)%s",
+                      self.rank, self.timeout_s, hb.phase, hb.step, names, detail,
+                      f"; no heartbeat from {missing}" if missing else "")
+        else:
+            log.error("HANG: every rank has been inside %r of step %s for over %.0f s; no rank is "
+                      "behind at phase granularity", hb.phase, hb.step, self.timeout_s)
+        return rep
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.write()
+        except OSError:
+            pass

@@ -1,0 +1,194 @@
+"""The training loop: wires config, mesh, model, data, optimizer, checkpoints and telemetry together."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from feixing import config as config_mod
+from feixing import data, distributed, models
+from feixing.config.schema import Config
+from feixing.distributed.mesh import ParallelDims
+from feixing.train.metrics import Metrics, memory_gb, peak_flops
+from feixing.train.optim import Schedule, build_optimizer
+from feixing.train.state import TrainState
+from feixing.train.step import train_step
+
+log = logging.getLogger("feixing")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or gradient norm is NaN/inf and train.nonfinite_loss = 'stop'."""
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def _write_resolved_config(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(config_mod.to_toml(cfg))
+    tmp.replace(run_dir / "config.toml")
+
+
+def _to_device(mb: dict[str, torch.Tensor], device: torch.device, cp) -> dict[str, torch.Tensor]:
+    """Move a micro-batch to the device and keep this rank's part of every sequence under CP."""
+    out = {}
+    for key, value in mb.items():
+        value = value.to(device, non_blocking=True)
+        if cp is not None and value.dim() == 2:  # (batch, seq) tensors; sample_ids stay whole
+            value = cp.shard(value, seq_dim=1)
+        out[key] = value
+    return out
+
+
+def train(cfg: Config, resume: str = "none") -> dict:
+    """Run cfg.train.steps optimizer steps (continuing a checkpoint when resume != 'none').
+
+    Returns a summary dict (last loss, steps run) on every rank.
+    """
+    env = distributed.init(cfg.distributed, cfg.run.seed)
+    setup_logging(env.rank)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: Config, env, resume: str) -> dict:
+    config_mod.check(cfg, env.world_size)
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        _write_resolved_config(cfg, run_dir)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size)
+    meshes = dims.build_mesh(env.device_type)
+    log.info("mesh: %s on %s (%s)", dims.describe(), env.device, env.backend)
+
+    tokenizer = data.build_tokenizer(cfg.data.tokenizer)
+    model = models.build(cfg.model, vocab_size=tokenizer.vocab_size)
+    args = model.args
+    from feixing.models.llama.parallelize import parallelize
+
+    cp = parallelize(model, dims, meshes, cfg.parallel, cfg.train.dtype, cfg.model.attention_backend)
+    model.to_empty(device=env.device)
+    model.init_weights(cfg.run.seed)
+    if cfg.model.hf_checkpoint:
+        from feixing.models.llama.hf import load_hf_into
+
+        load_hf_into(model, cfg.model.hf_checkpoint)
+    n_params = args.num_params()
+    log.info("model: %s flavor %s, %.2fM parameters, vocab %d", cfg.model.family,
+             cfg.model.flavor, n_params / 1e6, args.vocab_size)
+
+    loader = data.build_loader(cfg.data, dims.dp_rank(env.rank), dims.dp, cfg.run.seed)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = Schedule(optimizer, cfg.optim, cfg.train.steps)
+    state = TrainState()
+    app_state = {"model": model, "optimizer": optimizer, "schedule": schedule, "loader": loader,
+                 "train": state}
+
+    from feixing.checkpoint import Manager
+    from feixing.diagnose import Telemetry
+
+    ckpt = Manager(cfg.checkpoint, run_dir=str(run_dir), rank=env.rank,
+                   world_size=env.world_size, layout=_layout(dims),
+                   resolved_config=config_mod.to_toml(cfg))
+    if resume != "none":
+        ckpt.resume(app_state, resume=resume)
+        log.info("resumed at step %d", state.step)
+    tele = Telemetry(cfg.telemetry, faults=cfg.faults, run_dir=str(run_dir), rank=env.rank,
+                     world_size=env.world_size, device_type=env.device_type)
+
+    peak, peak_src = peak_flops(env.device, cfg.train.dtype)
+    log.info("MFU peak: %.3g FLOP/s per device (%s); FLOPs/token = 6N + 12*L*H*d*S", peak, peak_src)
+    metrics = Metrics(str(run_dir), cfg.train.steps, cfg.metrics.log_interval, env.is_main,
+                      model.num_flops_per_token(cfg.data.seq_len), peak, env.world_size,
+                      tensorboard=cfg.metrics.tensorboard)
+    grad_ranks = dims.dp * dims.cp  # ranks FSDP averages gradients over
+    last = {"loss": float("nan"), "steps": 0}
+    try:
+        for step in range(state.step + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            with tele.phase("data"):
+                mbs = [_to_device(mb, env.device, cp) for mb in loader.next_batch()]
+            lr = schedule.set_step(step)
+            result, finite = train_step(model, mbs, grad_ranks, cfg.optim.grad_clip,
+                                        phase=tele.phase)
+            if finite:
+                ckpt.wait_staging()  # the optimizer must not change params a save still copies
+                with tele.phase("optimizer"):
+                    optimizer.step()
+                state.consecutive_skips = 0
+            else:
+                _handle_nonfinite(cfg, state, step, result)
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step
+            if env.device_type != "cpu":
+                getattr(torch, env.device_type).synchronize()
+            step_time = time.perf_counter() - t0
+            metrics.record(step, result.loss, lr, result.grad_norm, result.tokens, step_time,
+                           result.skipped, memory_gb(env.device))
+            with tele.phase("checkpoint"):
+                ckpt.maybe_save(step, app_state)
+            tele.end_step(step)
+            last = {"loss": result.loss, "steps": last["steps"] + 1}
+        _save_final_weights(model, args, run_dir, env, state.step)
+    finally:
+        ckpt.close()
+        tele.close()
+        metrics.close()
+    return {"last_loss": last["loss"], "steps_run": last["steps"], "final_step": state.step}
+
+
+def _layout(dims: ParallelDims) -> dict:
+    return {"world_size": dims.world_size, "dp_replicate": dims.dp_replicate,
+            "dp_shard": dims.dp_shard, "cp_ulysses": dims.cp_ulysses, "cp_ring": dims.cp_ring,
+            "tp": dims.tp}
+
+
+def _handle_nonfinite(cfg: Config, state: TrainState, step: int, result) -> None:
+    state.consecutive_skips += 1
+    state.total_skips += 1
+    msg = (f"step {step}: non-finite loss {result.loss} or gradient norm {result.grad_norm}; "
+           "the update was dropped")
+    if cfg.train.nonfinite_loss == "stop":
+        raise NonFiniteLossError(msg + " (train.nonfinite_loss = 'stop'); lower optim.lr, check "
+                                 "the data, or set train.nonfinite_loss = 'skip'")
+    log.warning("%s (%d in a row; train.nonfinite_loss = 'skip')", msg, state.consecutive_skips)
+    if state.consecutive_skips >= cfg.train.max_skipped_steps:
+        raise NonFiniteLossError(f"{state.consecutive_skips} consecutive non-finite steps "
+                                 f"(train.max_skipped_steps); lower optim.lr or check the data")
+
+
+def _save_final_weights(model, args, run_dir: Path, env, step: int) -> None:
+    """Rank 0 writes the full weights as a HF folder under run_dir/final (used by generate)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+    if env.is_main:
+        from feixing.models.llama.hf import export_hf
+
+        final = run_dir / "final"
+        tmp = run_dir / "final.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            import shutil
+
+            shutil.rmtree(tmp)
+        export_hf(full, args, str(tmp))
+        (tmp / "step.txt").write_text(str(step))
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        tmp.rename(final)
+        log.info("final weights (step %d) written to %s", step, final)
+    dist.barrier()
