@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 data/demo/meta.json: $(STAMP)
-	$(VENV)/bin/feixing prepare --demo --out data/demo --max-bytes 8000000
+	$(VENV)/bin/feixing prepare --demo --out data/demo
 
 prepare-demo: data/demo/meta.json
 
 demo: $(STAMP) data/demo/meta.json
-	OMP_NUM_THREADS=1 $(VENV)/bin/feixing train --config configs/demo.toml --nproc 4 --resume auto
+	rm -rf runs/demo  # the demo always starts fresh; your own runs resume with --resume auto
+	OMP_NUM_THREADS=1 $(VENV)/bin/feixing train --config configs/demo.toml --nproc 4
 	$(VENV)/bin/feixing generate --run runs/demo --prompt "def main(" --max-new-tokens 160
 
 test: $(STAMP)

@@ -54,11 +54,13 @@ def _print_config(a: argparse.Namespace) -> int:
 
 
 def _prepare(a: argparse.Namespace) -> int:
-    from feixing.data.prepare import demo_corpus_paths, prepare
+    from feixing.data.prepare import DEMO_MAX_BYTES, demo_corpus_paths, prepare
 
     inputs = list(a.inputs)
     if a.demo:
         inputs += demo_corpus_paths()
+        if a.max_bytes is None:
+            a.max_bytes = DEMO_MAX_BYTES
     if not inputs:
         raise SystemExit("feixing prepare: give INPUT files/folders, or --demo for the Python "
                          "standard library corpus")
@@ -69,7 +71,7 @@ def _prepare(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from feixing.models.generate import generate_from_run
+    from feixing.train.sample import generate_from_run
 
     print(generate_from_run(a.run, a.prompt, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_k=a.top_k, seed=a.seed))
@@ -119,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a HF tokenizer.json")
     p.add_argument("--demo", action="store_true",
-                   help="add the running Python's standard library source (the demo corpus)")
+                   help="add the running Python's standard library source (the demo corpus; "
+                        "capped at 8 MB unless --max-bytes says otherwise)")
     p.add_argument("--max-bytes", type=int, default=None, help="stop after this much input text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_prepare)

@@ -7,8 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from feixing.data.packing import IGNORE_INDEX, PackedDataset, num_samples, pack_window
-from feixing.data.prepare import open_dataset, prepare
+from feixing.data.packing import (
+    IGNORE_INDEX,
+    PackedDataset,
+    num_samples,
+    open_dataset,
+    pack_window,
+)
+from feixing.data.prepare import prepare
 
 E = 256  # byte tokenizer eos
 
@@ -50,7 +56,10 @@ def test_hand_checked_samples(tmp_path):
 
 def reference_pack(stream, starts, w0, n):
     """Loop-by-loop reference for one window with document masking."""
-    doc_of = lambda t: max(k for k, s in enumerate(starts) if s <= t)  # noqa: E731
+
+    def doc_of(t):
+        return max(k for k, s in enumerate(starts) if s <= t)
+
     toks, labels, pos, ids = [], [], [], []
     for t in range(w0, w0 + n - 1):
         toks.append(stream[t])
@@ -96,7 +105,9 @@ def test_seq_len_errors(tmp_path):
     for bad in (0, -3):
         with pytest.raises(ValueError, match=r"data.seq_len=.*cannot hold a token"):
             PackedDataset(data, bad)
-    with pytest.raises(ValueError, match=r"holds 7 tokens, fewer than one sample.*seq_len \+ 1 = 8"):
+    with pytest.raises(
+        ValueError, match=r"holds 7 tokens, fewer than one sample.*seq_len \+ 1 = 8"
+    ):
         PackedDataset(data, 7)
     assert len(PackedDataset(data, 6)) == 1
     with pytest.raises(IndexError):

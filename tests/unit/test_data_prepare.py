@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from feixing.data.prepare import demo_corpus_paths, open_dataset, prepare
+from feixing.data.packing import open_dataset
+from feixing.data.prepare import demo_corpus_paths, prepare
 from feixing.data.tokenizer import build_tokenizer
 from tests.unit.test_data_tokenizer import make_bpe
 
@@ -106,6 +107,11 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path):
         prepare([str(tmp_path / "in")], out, "byte", progress=False)
     assert open_dataset(out).meta["num_documents"] == 1
     assert sorted(os.listdir(tmp_path)) == ["in", "out"]
+    # a kill -9 leaves a hidden temporary folder; the next prepare removes it (its pid is dead)
+    (tmp_path / ".out.tmp-999999999-abc" / "x").mkdir(parents=True)
+    (tmp_path / f".out.tmp-{os.getpid()}-live").mkdir()  # a live owner's folder is kept
+    prepare([str(tmp_path / "in" / "a.txt")], out, "byte", progress=False)
+    assert sorted(os.listdir(tmp_path)) == [f".out.tmp-{os.getpid()}-live", "in", "out"]
 
 
 def test_prepare_errors(tmp_path):

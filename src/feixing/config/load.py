@@ -84,7 +84,8 @@ def _build(cls, data: dict, where: str):
     obj = cls()
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{where}.{key}'{_closest(key, list(names))}".lstrip("."))
+            full = f"{where}.{key}".lstrip(".")
+            raise ConfigError(f"unknown key '{full}'{_closest(key, list(names))}")
         fname = names[key]
         tp = hints[fname]
         if dataclasses.is_dataclass(tp):

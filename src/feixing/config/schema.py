@@ -30,7 +30,7 @@ class ModelConfig:
     hf_checkpoint: str = ""
     """Optional HF folder (config.json + safetensors) to start from instead of random init."""
     attention_backend: str = "auto"
-    """Attention kernel: auto | reference | cpu_flash | cuda_flash | npu_fusion."""
+    """Attention kernel: auto (best available, logged) | reference | cpu_flash | cuda (flash-attn or aten flash/efficient) | npu (npu_fusion_attention)."""
 
 
 @dataclass
@@ -123,6 +123,8 @@ class CheckpointConfig:
     """Verify sha256 of every file on load (sizes are always verified)."""
     on_error: str = "continue"
     """When a save fails (disk full, permissions): continue (warn, keep training) | stop."""
+    commit_timeout_s: float = 600.0
+    """Rank 0 commits a save once every rank's files are on disk; it gives up (save failed, previous checkpoint kept) after this many seconds."""
 
 
 @dataclass

@@ -1,8 +1,14 @@
 """Data: tokenizers, text -> token shards (`prepare`), packing into samples, the stateful loader."""
 
 from feixing.data.loader import Loader, build_loader
-from feixing.data.packing import IGNORE_INDEX, PackedDataset, pack_window
-from feixing.data.prepare import DEMO_MAX_BYTES, TokenData, demo_corpus_paths, open_dataset, prepare
+from feixing.data.packing import (
+    IGNORE_INDEX,
+    PackedDataset,
+    TokenData,
+    open_dataset,
+    pack_window,
+)
+from feixing.data.prepare import DEMO_MAX_BYTES, demo_corpus_paths, prepare
 from feixing.data.tokenizer import build_tokenizer
 
 __all__ = [

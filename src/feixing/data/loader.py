@@ -24,11 +24,31 @@ import warnings
 import numpy as np
 import torch
 
-from feixing.data.packing import PackedDataset
-from feixing.data.prepare import open_dataset
+from feixing.data.packing import PackedDataset, open_dataset
 
 _STATE_KEYS = ("samples_consumed", "epoch", "seed", "fingerprint", "seq_len", "num_samples")
 _FIELDS = ("tokens", "labels", "positions", "document_ids")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection on uint64 that scrambles every bit."""
+    x = x.astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of samples 0..n-1 in `epoch`: argsort of a keyed 64-bit hash of each index.
+
+    Defined here rather than by numpy's Generator, whose streams numpy does not promise to
+    keep across versions: a checkpoint must resume to the same order after an upgrade. The
+    hash is a bijection of i ^ key, so keys never tie and the order is fully determined.
+    """
+    gold = 0x9E3779B97F4A7C15  # splitmix64's increment; separates seed and epoch
+    key = _mix64(np.array([(seed * gold + epoch) % (1 << 64)], dtype=np.uint64))
+    key = _mix64(key + np.uint64(gold))[0]
+    return np.argsort(_mix64(np.arange(n, dtype=np.uint64) ^ key), kind="stable")
 
 
 class Loader:
@@ -50,11 +70,11 @@ class Loader:
             raise ValueError(f"data.grad_accum_steps={grad_accum_steps} must be >= 1")
         split = dp_degree * grad_accum_steps
         if batch_size < 1 or batch_size % split:
-            ok = [k * split for k in range(max(1, batch_size // split), batch_size // split + 2)]
+            lo = max(batch_size // split, 1) * split
             raise ValueError(
                 f"data.batch_size={batch_size} must be a positive multiple of dp degree "
                 f"({dp_degree}) x data.grad_accum_steps ({grad_accum_steps}) = {split}; "
-                f"use e.g. data.batch_size={ok[0]} or {ok[-1]}, or change data.grad_accum_steps"
+                f"use e.g. data.batch_size={lo} or {lo + split}, or change data.grad_accum_steps"
             )
         self.dataset = dataset
         self.batch_size, self.grad_accum_steps = batch_size, grad_accum_steps
@@ -95,8 +115,7 @@ class Loader:
             # Keep at most the two epochs a batch can straddle: memory stays O(N).
             for e in [e for e in self._perms if e < epoch - 1]:
                 del self._perms[e]
-            rng = np.random.default_rng([self.seed % (1 << 64), epoch])
-            self._perms[epoch] = rng.permutation(self.num_samples)
+            self._perms[epoch] = epoch_permutation(self.seed, epoch, self.num_samples)
         return self._perms[epoch]
 
     def stream_sample_ids(self, start: int, count: int) -> np.ndarray:

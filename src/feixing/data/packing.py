@@ -1,4 +1,4 @@
-"""Packing: cut the document stream into fixed samples with labels, position ids and document ids.
+"""Packing: read prepared shards as one token stream and cut it into samples with labels and ids.
 
 The prepared dataset is one stream of tokens in which every document ends with eos. Sample
 `i` is the window `stream[i*seq_len : i*seq_len + seq_len + 1]` (consecutive windows share one
@@ -22,12 +22,99 @@ document's first token).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
 import numpy as np
 
-from feixing.data.prepare import TokenData
+from feixing.data.prepare import FORMAT_VERSION, META_FILE, prepare_hint
 
 IGNORE_INDEX = -100
 """Label value the loss skips (matches torch cross_entropy's default ignore_index)."""
+
+
+@dataclass
+class TokenData:
+    """A prepared dataset opened read-only: one logical token stream over all shards."""
+
+    path: str
+    meta: dict
+    shards: list[np.ndarray]
+    shard_offsets: np.ndarray  # global token offset of each shard, len n_shards + 1
+    doc_starts: np.ndarray  # global start of every document (int64), sorted
+    fingerprint: int  # identifies the token content; < 2**62 so it fits any int64 state
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.shard_offsets[-1])
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the global stream as int64 (may span shards)."""
+        out = np.empty(end - start, dtype=np.int64)
+        s = int(np.searchsorted(self.shard_offsets, start, side="right")) - 1
+        pos = start
+        while pos < end:
+            lo = pos - int(self.shard_offsets[s])
+            hi = min(end, int(self.shard_offsets[s + 1])) - int(self.shard_offsets[s])
+            out[pos - start : pos - start + hi - lo] = self.shards[s][lo:hi]
+            pos += hi - lo
+            s += 1
+        return out
+
+
+def open_dataset(path: str) -> TokenData:
+    """Open a folder written by `prepare`; clear errors for missing, incomplete or corrupt data."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"data folder {path!r} (data.path) does not exist; {prepare_hint(path)}"
+        )
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"data folder {path!r} has no {META_FILE}: it is not a complete feixing dataset; {prepare_hint(path)}"
+        )
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); {prepare_hint(path)}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path} has format_version {meta.get('format_version')}, this feixing reads {FORMAT_VERSION}; {prepare_hint(path)}"
+        )
+    dtype = np.dtype(meta["dtype"])
+    shards, starts, offsets = [], [], [0]
+    for i, n in enumerate(meta["shard_tokens"]):
+        tpath = os.path.join(path, f"tokens-{i:05d}.bin")
+        dpath = os.path.join(path, f"docs-{i:05d}.npy")
+        if not os.path.isfile(tpath) or os.path.getsize(tpath) != n * dtype.itemsize:
+            raise ValueError(
+                f"shard {tpath} is missing or has the wrong size (expected {n} tokens); {prepare_hint(path)}"
+            )
+        try:
+            d = np.load(dpath, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"document index {dpath} is missing or unreadable ({e}); {prepare_hint(path)}"
+            ) from None
+        if d.ndim != 1 or len(d) < 2 or d[0] != 0 or d[-1] != n or np.any(np.diff(d) <= 0):
+            raise ValueError(
+                f"document index {dpath} does not match its shard; {prepare_hint(path)}"
+            )
+        shards.append(np.memmap(tpath, dtype=dtype, mode="r", shape=(n,)))
+        starts.append(d[:-1].astype(np.int64) + offsets[-1])
+        offsets.append(offsets[-1] + n)
+    fp = hashlib.sha256(f"{meta['content_sha256']}:{meta['num_tokens']}:{meta['dtype']}".encode())
+    return TokenData(
+        path=path,
+        meta=meta,
+        shards=shards,
+        shard_offsets=np.asarray(offsets, dtype=np.int64),
+        doc_starts=np.concatenate(starts),
+        fingerprint=int.from_bytes(fp.digest()[:8], "little") >> 2,
+    )
 
 
 def check_seq_len(seq_len: int) -> None:

@@ -1,4 +1,4 @@
-"""The token-shard format: `prepare` turns text/jsonl files and folders into shards; `open_dataset` reads them.
+"""Text -> token shards: `prepare` turns text/jsonl files and folders into the on-disk format below.
 
 On-disk layout of a dataset folder (written into a hidden temporary folder, then renamed, so
 an interrupted prepare never leaves a folder that looks complete):
@@ -10,7 +10,7 @@ an interrupted prepare never leaves a folder that looks complete):
                        per-shard token counts and a fingerprint of the token content
 
 Every document is encoded without special tokens and ends with the tokenizer's eos id.
-Documents never span shards.
+Documents never span shards. `packing.open_dataset` reads this format.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -130,7 +129,7 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self.t0 = self.last = time.perf_counter()
 
-    def update(self, files: int, nbytes: int, tokens: int, final: bool = False) -> None:
+    def update(self, files: int, nbytes: int, tokens: int, final: bool = False, note="") -> None:
         now = time.perf_counter()
         # A tty redraws in place 5x/s; a log file gets a line every 5 s so it stays readable.
         if not self.enabled or (not final and now - self.last < (0.2 if self.tty else 5.0)):
@@ -141,7 +140,7 @@ class _Progress:
         line = (
             f"prepare {files}/{self.total_files} files  {files / dt:.1f} files/s  "
             f"{tokens / 1e6:.2f}M tokens  {nbytes / 1e6:.1f} MB  "
-            f"{'done in ' + _hms(dt) if final else 'ETA ' + _hms(eta)}"
+            f"{'done in ' + _hms(dt) if final else 'ETA ' + _hms(eta)}{note}"
         )
         end = "\n" if final or not self.tty else ""
         sys.stderr.write(("\r" if self.tty else "") + line + end)
@@ -191,7 +190,10 @@ class _ShardWriter:
         self.f.close()
         self.f = None
         offsets = np.asarray(self.starts + [self.n], dtype=np.int64)
-        np.save(os.path.join(self.folder, f"docs-{len(self.shard_sizes):05d}.npy"), offsets)
+        with open(os.path.join(self.folder, f"docs-{len(self.shard_sizes):05d}.npy"), "wb") as f:
+            np.save(f, offsets)
+            f.flush()
+            os.fsync(f.fileno())
         self.shard_sizes.append(self.n)
         self.starts, self.n = [], 0
 
@@ -240,7 +242,9 @@ def prepare(
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
+    base = os.path.basename(os.path.abspath(out_dir))
+    _remove_stale_tmp(parent, base)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
     try:
         summary = _write(files, tmp, tok, dtype, progress, max_bytes, shard_tokens)
         summary.update(out_dir=os.path.abspath(out_dir), reused=False)
@@ -322,7 +326,10 @@ def _write(files, folder, tok, dtype, progress, max_bytes, shard_tokens) -> dict
             break
     flush()
     writer.finish()
-    bar.update(done, nbytes, writer.total, final=True)
+    capped = max_bytes is not None and nbytes >= max_bytes
+    bar.update(
+        done, nbytes, writer.total, final=True, note=" (max_bytes reached)" if capped else ""
+    )
     if writer.docs == 0:
         raise ValueError(
             f"prepare found no text in {len(files)} file(s) (all empty or binary; skipped "
@@ -345,12 +352,31 @@ def _write(files, folder, tok, dtype, progress, max_bytes, shard_tokens) -> dict
     }
 
 
+def _remove_stale_tmp(parent: str, base: str) -> None:
+    """Delete temporary folders left by a prepare of `base` that was killed (its pid is gone)."""
+    prefix = f".{base}.tmp-"
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0].split(".", 1)[0]
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except (ValueError, PermissionError):  # not our naming, or another user's live process
+            continue
+
+
 def _swap_in(tmp: str, out_dir: str) -> None:
     """Replace `out_dir` by `tmp` with renames; a reader sees the old dataset, none, or the new one."""
     if os.path.isdir(out_dir):
         old = tmp + ".old"
         os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            os.rename(old, out_dir)  # put the previous dataset back before reporting
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)
@@ -368,88 +394,3 @@ def demo_corpus_paths() -> list[str]:
             f"no .py files under the standard library folder {root!r}; pass INPUT paths to prepare instead"
         )
     return out
-
-
-# ----------------------------------------------------------------------------- reader
-
-
-@dataclass
-class TokenData:
-    """A prepared dataset opened read-only: one logical token stream over all shards."""
-
-    path: str
-    meta: dict
-    shards: list[np.ndarray]
-    shard_offsets: np.ndarray  # global token offset of each shard, len n_shards + 1
-    doc_starts: np.ndarray  # global start of every document (int64), sorted
-    fingerprint: int  # identifies the token content; < 2**62 so it fits any int64 state
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.shard_offsets[-1])
-
-    def read(self, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of the global stream as int64 (may span shards)."""
-        out = np.empty(end - start, dtype=np.int64)
-        s = int(np.searchsorted(self.shard_offsets, start, side="right")) - 1
-        pos = start
-        while pos < end:
-            lo = pos - int(self.shard_offsets[s])
-            hi = min(end, int(self.shard_offsets[s + 1])) - int(self.shard_offsets[s])
-            out[pos - start : pos - start + hi - lo] = self.shards[s][lo:hi]
-            pos += hi - lo
-            s += 1
-        return out
-
-
-def open_dataset(path: str) -> TokenData:
-    """Open a folder written by `prepare`; clear errors for missing, incomplete or corrupt data."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"data folder {path!r} (data.path) does not exist; {prepare_hint(path)}"
-        )
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
-            f"data folder {path!r} has no {META_FILE}: it is not a complete feixing dataset; {prepare_hint(path)}"
-        )
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); {prepare_hint(path)}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path} has format_version {meta.get('format_version')}, this feixing reads {FORMAT_VERSION}; {prepare_hint(path)}"
-        )
-    dtype = np.dtype(meta["dtype"])
-    shards, starts, offsets = [], [], [0]
-    for i, n in enumerate(meta["shard_tokens"]):
-        tpath = os.path.join(path, f"tokens-{i:05d}.bin")
-        dpath = os.path.join(path, f"docs-{i:05d}.npy")
-        if not os.path.isfile(tpath) or os.path.getsize(tpath) != n * dtype.itemsize:
-            raise ValueError(
-                f"shard {tpath} is missing or has the wrong size (expected {n} tokens); {prepare_hint(path)}"
-            )
-        try:
-            d = np.load(dpath, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"document index {dpath} is missing or unreadable ({e}); {prepare_hint(path)}"
-            ) from None
-        if d.ndim != 1 or len(d) < 2 or d[0] != 0 or d[-1] != n or np.any(np.diff(d) <= 0):
-            raise ValueError(
-                f"document index {dpath} does not match its shard; {prepare_hint(path)}"
-            )
-        shards.append(np.memmap(tpath, dtype=dtype, mode="r", shape=(n,)))
-        starts.append(d[:-1].astype(np.int64) + offsets[-1])
-        offsets.append(offsets[-1] + n)
-    fp = hashlib.sha256(f"{meta['content_sha256']}:{meta['num_tokens']}:{meta['dtype']}".encode())
-    return TokenData(
-        path=path,
-        meta=meta,
-        shards=shards,
-        shard_offsets=np.asarray(offsets, dtype=np.int64),
-        doc_starts=np.concatenate(starts),
-        fingerprint=int.from_bytes(fp.digest()[:8], "little") >> 2,
-    )

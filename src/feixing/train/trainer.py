@@ -58,12 +58,14 @@ def train(cfg: Config, resume: str = "none") -> dict:
     env = distributed.init(cfg.distributed, cfg.run.seed)
     setup_logging(env.rank)
     try:
-        return _train(cfg, env, resume)
+        return run(cfg, env, resume)
     finally:
         distributed.shutdown()
 
 
-def _train(cfg: Config, env, resume: str) -> dict:
+def run(cfg: Config, env, resume: str = "none") -> dict:
+    """The loop inside an initialised process group (tests call this directly, many times)."""
+    distributed.env.seed_everything(cfg.run.seed)
     config_mod.check(cfg, env.world_size)
     run_dir = Path(cfg.run.dir)
     if env.is_main:
@@ -81,9 +83,7 @@ def _train(cfg: Config, env, resume: str) -> dict:
     model.to_empty(device=env.device)
     model.init_weights(cfg.run.seed)
     if cfg.model.hf_checkpoint:
-        from feixing.models.llama.hf import load_hf_into
-
-        load_hf_into(model, cfg.model.hf_checkpoint)
+        _load_hf_weights(model, cfg.model.hf_checkpoint, args)
     n_params = args.num_params()
     log.info("model: %s flavor %s, %.2fM parameters, vocab %d", cfg.model.family,
              cfg.model.flavor, n_params / 1e6, args.vocab_size)
@@ -166,6 +166,17 @@ def _handle_nonfinite(cfg: Config, state: TrainState, step: int, result) -> None
     if state.consecutive_skips >= cfg.train.max_skipped_steps:
         raise NonFiniteLossError(f"{state.consecutive_skips} consecutive non-finite steps "
                                  f"(train.max_skipped_steps); lower optim.lr or check the data")
+
+
+def _load_hf_weights(model, folder: str, args) -> None:
+    """Every rank reads the HF folder and keeps its own shards (fine up to node-memory sizes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from feixing.models.llama.hf import load_hf_state_dict
+
+    full = load_hf_state_dict(folder, args)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
+    log.info("loaded weights from %s", folder)
 
 
 def _save_final_weights(model, args, run_dir: Path, env, step: int) -> None:

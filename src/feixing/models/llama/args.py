@@ -24,7 +24,7 @@ class LlamaArgs:
     vocab_size: int
     """Vocabulary rows of the embedding and output head."""
     head_dim: int = 0
-    """Per-head size; 0 = dim // n_heads."""
+    """Per-head size; 0 = dim // n_heads (set once: `replace(dim=...)` keeps the old head_dim)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon (HF `rms_norm_eps`)."""
     rope_theta: float = 10000.0
@@ -81,32 +81,32 @@ def _llama3_scaling(factor: float) -> RopeScaling:
 FLAVORS: dict[str, LlamaArgs] = {
     # 4 heads / 2 KV heads: divisible by Ulysses 2 and 4; ~0.9M params, trains at several
     # steps/s on 4 CPU processes at seq_len 256. vocab is replaced by the tokenizer's.
-    "demo": LlamaArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=320,
+    "demo": LlamaArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=384, vocab_size=320,
                       norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256),
     # For unit tests: the smallest shape that still exercises GQA (2 query heads per KV head).
-    "tiny": LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=128,
+    "tiny": LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=128,
                       norm_eps=1e-5, rope_theta=10000.0, max_seq_len=128),
     # meta-llama/Llama-2-7b-hf
-    "llama2-7b": LlamaArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+    "llama2-7b": LlamaArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008,
                            vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
     # meta-llama/Llama-3.2-1B
-    "1b": LlamaArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256,
+    "1b": LlamaArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192, vocab_size=128256,
                     norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_llama3_scaling(32.0),
                     max_seq_len=131072, tie_embeddings=True),
     # meta-llama/Llama-3.1-8B
-    "8b": LlamaArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+    "8b": LlamaArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336, vocab_size=128256,
                     norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_llama3_scaling(8.0),
                     max_seq_len=131072),
     # meta-llama/Llama-3.1-70B
-    "70b": LlamaArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256,
+    "70b": LlamaArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, ffn_dim=28672, vocab_size=128256,
                      norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_llama3_scaling(8.0),
                      max_seq_len=131072),
     # Qwen/Qwen2-0.5B
-    "qwen2-0.5b": LlamaArgs(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+    "qwen2-0.5b": LlamaArgs(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, ffn_dim=4864,
                             vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072,
                             qkv_bias=True, tie_embeddings=True, family="qwen2"),
     # Qwen/Qwen2-7B
-    "qwen2-7b": LlamaArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944,
+    "qwen2-7b": LlamaArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128, ffn_dim=18944,
                           vocab_size=152064, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072,
                           qkv_bias=True, family="qwen2"),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import zlib
 
 import torch
@@ -186,15 +187,17 @@ class Llama(nn.Module):
         Scheme: linear and embedding weights ~ N(0, 0.02) truncated at 3 sigma, residual
         output projections (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2), norms 1, biases 0.
         """
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
+        # No DTensor can exist unless its module was imported; importing it costs ~2 s on CPU.
+        dtensor = sys.modules.get("torch.distributed.tensor")
         for name, p in self.named_parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
+            sharded = dtensor is not None and isinstance(p, dtensor.DTensor)
+            local = p.to_local() if sharded else p
             if local.is_meta:
                 raise RuntimeError("init_weights needs real storage: call model.to_empty(device=...) first")
             full = _init_full(_WRAPPER_PARTS.sub("", name), tuple(p.shape), seed, self.args.n_layers, local.device)
-            if isinstance(p, DTensor):
-                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            if sharded:  # every rank drew the same full tensor; keep this rank's piece, no communication
+                full = dtensor.distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                full = full.to_local()
             local.copy_(full)
 
 

@@ -1,0 +1,246 @@
+"""Staging: copy state tensors into one host buffer, allocated once and reused, laid out as safetensors.
+
+The buffer is a memfd (anonymous shared memory) that the writer process maps by file descriptor:
+no copy between processes, and nothing left in /dev/shm when a process is killed. On CUDA it is
+page-locked in place (cudaHostRegister) so device-to-host copies run asynchronously on a side
+stream; where that is not possible on an accelerator (Ascend, or registration refused) a pinned
+bounce buffer from the device's own host allocator takes the DMA and a thread copies it over.
+On CPU the copy is a plain memcpy in a thread (torch releases the GIL while copying).
+
+Tensors sit in the buffer sorted by element size, largest first, without gaps, so every slot is
+aligned for its dtype and the buffer is exactly the data section of a safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import tempfile
+import threading
+
+import torch
+
+from feixing.checkpoint.commit import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+          torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
+          torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+# ---- JSON codec for the non-tensor part of a state dict (no pickle anywhere) -------------------
+
+
+def encode(obj, path: str, tensors: dict):
+    """Turn a state dict into JSON-able data; tensors are replaced by {"__tensor__": key}."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj
+        return {"__tensor__": path}
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode(v, f"{path}/{k}", tensors) for k, v in obj.items()}
+        return {"__dict__": [[encode(k, f"{path}/key", {}), encode(v, f"{path}/{k}", tensors)]
+                             for k, v in obj.items()]}
+    if isinstance(obj, list):
+        return [encode(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):  # torch.Size too; tuples stay tuples (e.g. AdamW betas)
+        return {"__tuple__": [encode(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]}
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+        if isinstance(obj, np.ndarray):  # e.g. numpy RNG state: small, exact as a list of ints
+            return {"__ndarray__": str(obj.dtype), "shape": list(obj.shape),
+                    "data": obj.ravel().tolist()}
+        if isinstance(obj, np.generic):
+            return obj.item()
+    raise CheckpointError(f"cannot checkpoint {path!r}: values of type {type(obj).__name__} are not "
+                          "supported (use tensors, numbers, strings, lists, tuples, dicts)")
+
+
+def decode(obj, tensor):
+    """Inverse of `encode`; `tensor(key)` returns the loaded tensor for a tensor marker."""
+    if isinstance(obj, list):
+        return [decode(v, tensor) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensor(obj["__tensor__"])
+    if "__tuple__" in obj:
+        return tuple(decode(v, tensor) for v in obj["__tuple__"])
+    if "__dict__" in obj:
+        return {_hashable(decode(k, tensor)): decode(v, tensor) for k, v in obj["__dict__"]}
+    if "__ndarray__" in obj:
+        import numpy as np
+        return np.array(obj["data"], dtype=obj["__ndarray__"]).reshape(obj["shape"])
+    return {k: decode(v, tensor) for k, v in obj.items()}
+
+
+def _hashable(k):
+    return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
+
+
+# ---- the host buffer -----------------------------------------------------------------------
+
+
+class HostBuffer:
+    """`nbytes` of shared host memory, reachable from the writer process through `fd`."""
+
+    def __init__(self, nbytes: int, device_type: str):
+        self.nbytes = nbytes
+        size = max(nbytes, 1)
+        if hasattr(os, "memfd_create"):
+            self.fd = os.memfd_create("feixing-ckpt-staging", 0)
+        else:  # non-Linux: an unlinked temporary file behaves the same way
+            fd, name = tempfile.mkstemp(prefix="feixing-ckpt-")
+            os.unlink(name)
+            self.fd = fd
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size)
+        except OSError as e:
+            os.close(self.fd)
+            raise CheckpointError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host staging memory "
+                                  f"for checkpoints: {e}") from None
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=size)[:nbytes]
+        self.tensor.zero_()  # touch every page now, not during the first save
+        self.pinned = False
+        self.bounce = None
+        if device_type == "cuda" and nbytes:
+            rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            self.pinned = int(rc) == 0
+            if not self.pinned:
+                log.warning("cudaHostRegister of the checkpoint buffer failed (%s); "
+                            "using a pinned bounce buffer", rc)
+        if device_type not in ("cpu", "meta") and not self.pinned and nbytes:
+            # Ascend and others: pinned memory from the device's host allocator, copied over.
+            self.bounce = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self._device_type = device_type
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+        self.tensor = self.bounce = None
+        try:
+            self._map.close()
+        except BufferError:  # a view is still alive somewhere; the OS frees it with the process
+            pass
+        os.close(self.fd)
+
+
+class Layout:
+    """Where every staged tensor lies in the buffer, and the safetensors header describing it."""
+
+    def __init__(self, items: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        order = sorted(items, key=lambda it: (-it[1].itemsize, it[0]))
+        self.slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        header: dict = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for key, dtype, shape in order:
+            if dtype not in DTYPES:
+                raise CheckpointError(f"cannot checkpoint {key!r}: dtype {dtype} is not supported")
+            n = dtype.itemsize
+            for s in shape:
+                n *= s
+            self.slots[key] = (off, n, dtype, shape)
+            header[key] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        self.nbytes = off
+        text = json.dumps(header, separators=(",", ":"))
+        self.header = text + " " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+        self.signature = tuple(sorted((k, str(d), s) for k, d, s in items))
+
+
+class Stager:
+    """Copies tensors into the reused buffer, in a thread, so the loop only blocks in `wait()`."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.layout: Layout | None = None
+        self.buffer: HostBuffer | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._stream = None
+
+    def prepare(self, items: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bool:
+        """Make the buffer fit `items`; returns True when it was (re)allocated."""
+        layout = Layout(items)
+        if self.layout is not None and layout.signature == self.layout.signature:
+            return False
+        if self.buffer is not None:
+            log.warning("checkpoint state changed shape; reallocating the staging buffer")
+            self.buffer.close()
+        self.buffer = HostBuffer(layout.nbytes, self.device_type)
+        self.layout = layout
+        return True
+
+    def view(self, key: str, host: bool = True) -> torch.Tensor:
+        off, n, dtype, shape = self.layout.slots[key]
+        base = self.buffer.tensor if host or self.buffer.bounce is None else self.buffer.bounce
+        return base[off: off + n].view(dtype).view(shape)
+
+    def start(self, sources: dict[str, torch.Tensor], then=None, background: bool = True) -> None:
+        """Copy `sources` (key -> tensor) into their slots; call `then()` when all bytes are in."""
+        assert self._thread is None, "previous staging not waited for"
+        self._error = None
+        event = None
+        if self.device_type not in ("cpu", "meta"):
+            mod = torch.get_device_module(self.device_type)
+            if self._stream is None:
+                self._stream = mod.Stream()
+            event = mod.Event()
+            event.record()  # the copies start after everything queued so far (optimizer step)
+
+        def work():
+            try:
+                self._copy(sources, event)
+                if then is not None:
+                    then()
+            except BaseException as e:  # noqa: BLE001 - re-raised in wait()
+                self._error = e
+
+        if background:
+            self._thread = threading.Thread(target=work, daemon=True, name="feixing-ckpt-stage")
+            self._thread.start()
+        else:
+            work()
+            self._raise()
+
+    def _copy(self, sources: dict[str, torch.Tensor], event) -> None:
+        with torch.no_grad():
+            if event is None:
+                for key, src in sources.items():
+                    self.view(key).copy_(src)
+                return
+            mod = torch.get_device_module(self.device_type)
+            pinned = self.buffer.pinned or self.buffer.bounce is not None
+            with mod.stream(self._stream):
+                self._stream.wait_event(event)
+                for key, src in sources.items():
+                    self.view(key, host=False).copy_(src, non_blocking=pinned)
+            self._stream.synchronize()
+            if self.buffer.bounce is not None:
+                self.buffer.tensor.copy_(self.buffer.bounce)
+
+    def wait(self) -> None:
+        """Block until the staged copy is complete (call before the optimizer changes params)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        self.wait()
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+            self.layout = None

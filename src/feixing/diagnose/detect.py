@@ -1,0 +1,267 @@
+"""Detectors over per-rank telemetry: straggler, slow link, drift, event spikes, hang -> Findings.
+
+All detectors are causal: a finding's `detected_step` is the first step at which the rule
+fires using only records up to that step, so the offline report says when an online monitor
+with per-step data would have alarmed. `first_step` is the estimated onset.
+
+- straggler: per rank and layer (data, compute, gc) a rolling median over STRAGGLER_WINDOW
+  steps, compared with the median of its peers (median/MAD, robust to one bad rank), in units
+  of a step; flagged while above a threshold (fixed floor or 5 robust sigmas, whichever is
+  larger) for STRAGGLER_PERSIST consecutive steps. Exposed communication wait is never used:
+  it is the symptom in the ranks that wait, not the cause. Checkpoint blocking is never used:
+  it is an event (spike), not a straggler.
+- slow link: the ring probe's receive latency per link vs the median link, persistent over
+  LINK_PERSIST canaries; names both ends.
+- drift: one-sided CUSUM of block low-quantiles (q25 over DRIFT_BLOCK steps; interference only
+  adds time, so a low quantile is steadier than a mean) against a baseline taken after warm-up,
+  for every phase and canary, for all ranks pooled and for each rank alone.
+- spike: a step over SPIKE_RATIO x the rolling median step, attributed to the phase whose
+  excess explains it (checkpoint, gc, data); unexplained spikes are not findings.
+- hang: the watchdog's reports (see watchdog.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+LAYER_OF = {"data": "data", "forward": "compute", "backward": "compute", "optimizer": "compute",
+            "compute": "compute", "comm": "communication", "checkpoint": "checkpoint", "gc": "gc",
+            "dispatch_s": "dispatch", "rss_mb": "memory", "link_lat_s": "communication"}
+
+STRAGGLER_WINDOW = 9       # steps in the rolling median (odd: a clean median)
+STRAGGLER_PERSIST = 6      # consecutive flagged steps before a finding
+STRAGGLER_MIN_FRAC = 0.04  # excess over peers, as a fraction of a step, below which nothing is flagged
+STRAGGLER_MIN_REL = 0.05   # ... and as a fraction of the peers' time in that layer
+STRAGGLER_Z = 6.0          # ... and in robust sigmas of the cross-rank spread
+LINK_PERSIST = 2           # consecutive canaries with a slow link
+LINK_MIN_FRAC = 0.02       # link excess (s) as a fraction of a step
+DRIFT_BLOCK = 25           # steps per drift block
+DRIFT_WARMUP = 10          # steps skipped before the baseline
+DRIFT_BASE_BLOCKS = 4      # blocks (or canaries) in the baseline
+DRIFT_MIN = 0.01           # smallest relative drift we report (1%)
+DRIFT_K_SIGMA = 0.5        # CUSUM slack in baseline sigmas (and at least DRIFT_MIN / 2)
+DRIFT_H_SIGMA = 10.0       # CUSUM alarm level in baseline sigmas (and at least 8 * DRIFT_MIN)
+DRIFT_SIGMA_FLOOR = 0.01   # the baseline never claims to be steadier than 1% per block
+SPIKE_RATIO = 1.5          # a spike step is this much over the rolling median step
+SPIKE_REF = 50             # steps in the spike detector's rolling reference
+
+
+@dataclass
+class Finding:
+    kind: str                 # straggler | drift | spike | hang
+    layer: str                # data | dispatch | compute | communication | checkpoint | gc | memory
+    ranks: list[int]
+    first_step: int
+    magnitude: float          # straggler/drift: relative slowdown; spike: excess in steps; hang: seconds
+    summary: str
+    detected_step: int | None = None
+    evidence: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rolling(x: np.ndarray, w: int, fn=np.nanmedian) -> np.ndarray:
+    """Causal rolling statistic along the last axis; NaN until a full window exists."""
+    out = np.full(x.shape, np.nan)
+    if x.shape[-1] >= w:
+        v = np.lib.stride_tricks.sliding_window_view(x, w, axis=-1)
+        with np.errstate(all="ignore"):
+            out[..., w - 1:] = fn(v, axis=-1)
+    return out
+
+
+def _robust_sigma(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+
+
+def _runs(mask: np.ndarray):
+    """(start, end_exclusive) of each run of True."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
+
+
+def peer_excess(m: np.ndarray) -> np.ndarray:
+    """For each rank, its value minus the median of the other ranks (rows = ranks)."""
+    r = m.shape[0]
+    out = np.empty_like(m)
+    for i in range(r):
+        with np.errstate(all="ignore"):
+            out[i] = m[i] - np.nanmedian(np.delete(m, i, axis=0), axis=0)
+    return out
+
+
+def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Finding]:
+    if sig["step"].shape[0] < 3:  # peers need a majority to define "normal"
+        return []
+    step_ref = rolling(np.nanmedian(sig["step"], axis=0), STRAGGLER_WINDOW)
+    out = []
+    for layer in ("data", "compute", "gc"):
+        if layer not in sig:
+            continue
+        m = rolling(sig[layer], STRAGGLER_WINDOW)
+        exc = peer_excess(m)
+        frac = exc / step_ref
+        with np.errstate(all="ignore"):
+            rel = exc / (m - exc)
+        base = frac[:, STRAGGLER_WINDOW:STRAGGLER_WINDOW + 100]
+        thr = max(STRAGGLER_MIN_FRAC, STRAGGLER_Z * _robust_sigma(base))
+        for r in range(m.shape[0]):
+            flag = (frac[r] > thr) & (rel[r] > STRAGGLER_MIN_REL)
+            runs = [(a, b) for a, b in _runs(flag) if b - a >= STRAGGLER_PERSIST]
+            if not runs:
+                continue
+            a, b = runs[0]
+            det = a + STRAGGLER_PERSIST - 1
+            onset = max(a - STRAGGLER_WINDOW // 2, 0)
+            flagged = np.concatenate([np.arange(x, y) for x, y in runs])
+            mag = float(np.nanmedian(rel[r, flagged]))
+            share = float(np.nanmedian(frac[r, flagged]))
+            verb = {"data": "waits for data", "compute": "computes", "gc": "pauses for GC"}[layer]
+            summ = (f"rank {r} {verb} {mag:.0%} slower than its peers since step {int(steps[onset])}"
+                    f" (+{share:.0%} of a step)")
+            ev = [f"flagged in {len(flagged)} of {len(steps) - a} steps from step {int(steps[a])}; "
+                  f"threshold {thr:.1%} of a step over the peers' median"]
+            out.append(Finding("straggler", layer, [r], int(steps[onset]), round(mag, 4), summ,
+                               int(steps[det]), ev))
+    return out
+
+
+def find_slow_links(can_steps: np.ndarray, lat: np.ndarray, link_from: list[int],
+                    step_med: float) -> list[Finding]:
+    """lat: (ranks, canaries) receive latency of link link_from[r] -> r."""
+    if lat.size == 0 or lat.shape[0] < 3:
+        return []
+    exc = peer_excess(lat)
+    with np.errstate(all="ignore"):
+        ratio = lat / (lat - exc)
+    thr = max(LINK_MIN_FRAC * step_med, 6 * _robust_sigma(exc[:, :DRIFT_BASE_BLOCKS]))
+    out = []
+    for r in range(lat.shape[0]):
+        flag = (exc[r] > thr) & (ratio[r] > 3)
+        runs = [(a, b) for a, b in _runs(flag) if b - a >= LINK_PERSIST]
+        if not runs:
+            continue
+        a, b = runs[0]
+        s = link_from[r]
+        mag = float(np.nanmedian(ratio[r, a:b]))
+        out.append(Finding(
+            "straggler", "communication", sorted({s, r}), int(can_steps[a]), round(mag - 1, 3),
+            f"link rank {s} -> rank {r} is {mag:.1f}x slower than the other links since step "
+            f"{int(can_steps[a])} (+{np.nanmedian(exc[r, a:b]) * 1e3:.2f} ms per message)",
+            int(can_steps[a + LINK_PERSIST - 1]),
+            [f"ring probe latency {np.nanmedian(lat[r, a:b]) * 1e3:.2f} ms vs median link "
+             f"{np.nanmedian(lat[r, a:b] - exc[r, a:b]) * 1e3:.2f} ms"]))
+    return out
+
+
+def cusum(z: np.ndarray, k: float, h: float) -> tuple[int | None, int]:
+    """One-sided CUSUM over z (relative deviations); (alarm index or None, index where it last rose from 0)."""
+    s, start = 0.0, 0
+    for i, v in enumerate(z):
+        if not np.isfinite(v):
+            continue
+        if s == 0.0:
+            start = i
+        s = max(0.0, s + v - k)
+        if s > h:
+            return i, start
+    return None, start
+
+
+def drift_series(values: np.ndarray, steps: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block q25 over (ranks x block steps); returns (block values, last step of each block)."""
+    n = values.shape[-1] // block
+    if n == 0:
+        return np.empty(0), np.empty(0)
+    v = values[..., : n * block].reshape(*values.shape[:-1], n, block)
+    v = np.moveaxis(v, -2, 0).reshape(n, -1)
+    with np.errstate(all="ignore"):
+        q = np.nanpercentile(v, 25, axis=1)
+    return q, steps[block - 1: n * block: block]
+
+
+def drift_test(x: np.ndarray, norm: float | None = None):
+    """CUSUM of x against its first DRIFT_BASE_BLOCKS points; (alarm, start, z, sigma) or None."""
+    if x.size < DRIFT_BASE_BLOCKS + 2:
+        return None
+    base = float(np.nanmedian(x[:DRIFT_BASE_BLOCKS]))
+    denom = max(base, norm or 0.0)
+    if not denom > 0:
+        return None
+    z = (x - base) / denom
+    sigma = max(_robust_sigma(z[:DRIFT_BASE_BLOCKS]), DRIFT_SIGMA_FLOOR)
+    k = max(DRIFT_K_SIGMA * sigma, DRIFT_MIN / 2)
+    h = max(DRIFT_H_SIGMA * sigma, 8 * DRIFT_MIN)
+    alarm, start = cusum(z[DRIFT_BASE_BLOCKS:], k, h)
+    if alarm is None:
+        return None
+    return alarm + DRIFT_BASE_BLOCKS, start + DRIFT_BASE_BLOCKS, z, sigma
+
+
+class OnlineDetector:
+    """Rank 0's online rules over windows all-gathered every `detect_interval` steps.
+
+    Each update gets a (ranks, len(ONLINE_SIGNALS)) matrix of per-rank window medians. The
+    rules are the offline ones at window resolution: a straggler must be flagged in two
+    consecutive windows; a drift is a CUSUM of the all-rank median against the first
+    DRIFT_BASE_BLOCKS windows. Each (kind, rank, layer) warns once.
+    """
+
+    def __init__(self, world_size: int):
+        from feixing.diagnose.telemetry import ONLINE_SIGNALS
+        self.names = ONLINE_SIGNALS
+        self.world_size = world_size
+        self.flags: dict[tuple, int] = {}
+        self.said: set = set()
+        self.hist: dict[str, list[float]] = {"data": [], "compute": []}
+        self.state: dict[str, list[float]] = {}
+
+    def update(self, step: int, m: np.ndarray) -> list[str]:
+        col = {n: m[:, i] for i, n in enumerate(self.names)}
+        step_med = float(np.median(col["step"]))
+        msgs = []
+        if self.world_size >= 3 and step_med > 0:
+            for layer in ("data", "compute", "gc"):
+                exc = peer_excess(col[layer][:, None])[:, 0]
+                for r in range(self.world_size):
+                    peer = col[layer][r] - exc[r]
+                    hit = exc[r] / step_med > STRAGGLER_MIN_FRAC and exc[r] > STRAGGLER_MIN_REL * peer
+                    key = ("straggler", r, layer)
+                    self.flags[key] = self.flags.get(key, 0) + 1 if hit else 0
+                    if self.flags[key] >= 2 and key not in self.said:
+                        self.said.add(key)
+                        msgs.append(f"rank {r} is a straggler in {layer}: {exc[r] / max(peer, 1e-12):.0%} "
+                                    f"slower than its peers (window ending at step {step})")
+        for layer in ("data", "compute"):
+            msg = self._drift(layer, float(np.median(col[layer])), step_med, step)
+            if msg:
+                msgs.append(msg)
+        return msgs
+
+    def _drift(self, layer: str, v: float, step_med: float, step: int) -> str | None:
+        """Incremental CUSUM, the same rule as drift_test, O(1) per window."""
+        h = self.hist[layer]
+        if len(h) < DRIFT_BASE_BLOCKS:
+            h.append(v)
+            if len(h) == DRIFT_BASE_BLOCKS:
+                base = float(np.median(h))
+                denom = max(base, 0.1 * step_med)
+                sigma = max(_robust_sigma((np.array(h) - base) / denom), DRIFT_SIGMA_FLOOR)
+                self.state[layer] = [base, denom, max(DRIFT_K_SIGMA * sigma, DRIFT_MIN / 2),
+                                     max(DRIFT_H_SIGMA * sigma, 8 * DRIFT_MIN), 0.0]
+            return None
+        base, denom, k, hh, cs = self.state[layer]
+        z = (v - base) / denom if denom > 0 else 0.0
+        cs = max(0.0, cs + z - k)
+        self.state[layer][4] = cs
+        key = ("drift", "all", layer)
+        if cs > hh and key not in self.said:
+            self.said.add(key)
+            return f"{layer} on every rank drifted {z:+.1%} from its early baseline (step {step})"
+        return None

@@ -1,0 +1,151 @@
+"""Drift and spike detection over a whole run, and the rules that merge all findings into a verdict.
+
+Drift: for every phase (per step) and every canary, for all ranks pooled and each rank alone,
+a CUSUM against an early baseline (detect.drift_test). Phases that belong to one layer are
+merged into one finding per (scope, layer). A compute drift is labelled `dispatch` when the
+dispatch canary (a fixed sequence of tiny operators, which no model change affects) rose by
+at least half as much: on CPU, host dispatch and compute cannot be told apart otherwise.
+
+Spikes: a step over SPIKE_RATIO x its rolling median is attributed to the known event whose
+phase explains at least half of the excess (checkpoint, gc, data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from feixing.diagnose.detect import (DRIFT_BASE_BLOCKS, DRIFT_BLOCK, DRIFT_MIN, DRIFT_WARMUP, LAYER_OF,
+                                     SPIKE_RATIO, SPIKE_REF, Finding, drift_series, drift_test, rolling)
+
+DRIFT_PHASES = ("data", "forward", "backward", "optimizer", "gc", "comm")
+CANARY_DRIFT = {"dispatch_s": DRIFT_MIN, "rss_mb": 0.10}  # signal -> smallest growth worth a finding
+_WHAT = {"data": "waiting for data", "compute": "compute time", "dispatch": "host dispatch latency",
+         "gc": "GC pause time", "communication": "exposed communication wait", "memory": "resident memory"}
+
+
+def _who(scope) -> str:
+    return "every rank" if scope == "all" else f"rank {scope}"
+
+
+def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) -> list[Finding]:
+    warm = int(np.searchsorted(steps, steps[0] + DRIFT_WARMUP)) if steps.size else 0
+    steps_w = steps[warm:]
+    step_base = float(np.nanmedian(sig["step"][:, warm:warm + DRIFT_BASE_BLOCKS * DRIFT_BLOCK])) \
+        if steps_w.size else 0.0
+    n_ranks = sig["step"].shape[0]
+    raw = []  # (scope, layer, signal, first_step, detected_step, final_z)
+    for name in DRIFT_PHASES:
+        if name not in sig:
+            continue
+        x = sig[name][:, warm:]
+        for scope in ["all"] + list(range(n_ranks)):
+            vals = x if scope == "all" else x[scope:scope + 1]
+            q, bsteps = drift_series(vals, steps_w, DRIFT_BLOCK)
+            res = drift_test(q, norm=0.1 * step_base)
+            if res is not None:
+                alarm, start, z, _ = res
+                final = float(np.nanmedian(z[-3:]))
+                if final >= DRIFT_MIN:  # a drift that has since gone away is not reported
+                    raw.append((scope, LAYER_OF[name], name, int(bsteps[start] - DRIFT_BLOCK + 1),
+                                int(bsteps[alarm]), final))
+    can_final = {}
+    for name, floor in CANARY_DRIFT.items():
+        if name not in can or can[name].size == 0:
+            continue
+        m = can[name]
+        keep = can_steps >= steps[0] + DRIFT_WARMUP if steps.size else np.ones(len(can_steps), bool)
+        m, cs = m[:, keep], can_steps[keep]
+        for scope in ["all"] + list(range(n_ranks)):
+            series = np.nanmedian(m, axis=0) if scope == "all" else m[scope]
+            if series.size > DRIFT_BASE_BLOCKS:
+                base = np.nanmedian(series[:DRIFT_BASE_BLOCKS])
+                can_final[(scope, name)] = float(np.nanmedian(series[-3:]) / base - 1) if base > 0 else 0.0
+            res = drift_test(series)
+            if res is not None:
+                alarm, start, z, _ = res
+                final = float(np.nanmedian(z[-3:]))
+                if final >= floor:
+                    raw.append((scope, LAYER_OF[name], name, int(cs[start]), int(cs[alarm]), final))
+    return _merge_drifts(raw, can_final, steps)
+
+
+def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray) -> list[Finding]:
+    by = {}
+    for scope, layer, name, first, det, final in raw:
+        if layer == "compute":
+            disp = can_final.get((scope, "dispatch_s"), 0.0)
+            if disp >= max(0.5 * final, DRIFT_MIN / 2):
+                layer = "dispatch"
+        by.setdefault((scope, layer), []).append((name, first, det, final))
+    out = []
+    for (scope, layer), items in by.items():
+        if scope != "all" and ("all", layer) in by:
+            continue  # one rank's share of a drift every rank has
+        first = min(i[1] for i in items)
+        det = min(i[2] for i in items)
+        mag = float(np.median([i[3] for i in items]))
+        last = int(steps[-1]) if steps.size else det
+        summ = (f"{_WHAT.get(layer, layer)} on {_who(scope)} grew {mag:.0%} between steps {first} and "
+                f"{last}")
+        ev = [f"{n}: {f:+.1%} vs the early baseline, CUSUM alarm at step {d}" for n, _, d, f in items]
+        ranks = [] if scope == "all" else [scope]
+        out.append(Finding("drift", layer, ranks, first, round(mag, 4), summ, det, ev))
+    return out
+
+
+def find_spikes(steps: np.ndarray, sig: dict) -> list[Finding]:
+    st = np.nanmedian(sig["step"], axis=0)
+    ref = np.concatenate([[np.nan], rolling(st, min(SPIKE_REF, max(st.size - 1, 1)))[:-1]])
+    spikes = np.flatnonzero(st > SPIKE_RATIO * ref)
+    groups: dict[str, list] = {}
+    unexplained = 0
+    for t in spikes:
+        excess = st[t] - ref[t]
+        best, best_v, ranks = None, 0.0, []
+        for name in ("checkpoint", "gc", "data"):
+            if name not in sig:
+                continue
+            col = sig[name][:, t]
+            base = 0.0 if name == "checkpoint" else np.nanmedian(sig[name][:, max(t - SPIKE_REF, 0):t]) \
+                if t > 0 else 0.0
+            e = np.nan_to_num(col - (base if np.isfinite(base) else 0.0))
+            if e.max() > best_v:
+                best, best_v, ranks = name, float(e.max()), list(np.flatnonzero(e >= 0.5 * e.max()))
+        if best is None or best_v < 0.5 * excess:
+            unexplained += 1
+            continue
+        groups.setdefault(best, []).append((int(steps[t]), excess / ref[t], ranks, best_v))
+    out = []
+    for name, items in groups.items():
+        mags = [i[1] for i in items]
+        if name != "checkpoint" and len(items) < 2 and max(mags) < 2.0:
+            continue  # one small gc or data hiccup is noise, not a finding
+        ranks = sorted({int(r) for i in items for r in i[2]})
+        at = ", ".join(str(i[0]) for i in items[:6]) + (" ..." if len(items) > 6 else "")
+        what = {"checkpoint": "checkpoint blocking", "gc": "GC pauses", "data": "data waits"}[name]
+        mag = float(np.median(mags))
+        summ = (f"{what} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} made "
+                f"{len(items)} step{'s' if len(items) > 1 else ''} {1 + mag:.1f}x slower than normal "
+                f"(steps {at})")
+        ev = [f"step {s}: +{m:.0%} of a step, {v * 1e3:.1f} ms in {name}" for s, m, _, v in items[:10]]
+        if unexplained:
+            ev.append(f"{unexplained} other slow step(s) had no known cause (machine noise)")
+        out.append(Finding("spike", LAYER_OF[name], ranks, items[0][0], round(mag, 3), summ, items[0][0], ev))
+    return out
+
+
+def combine(stragglers: list[Finding], links: list[Finding], drifts: list[Finding],
+            spikes: list[Finding], hangs: list[Finding]) -> list[Finding]:
+    """Drop findings another finding explains, and order them: hangs, stragglers, drifts, spikes."""
+    slow = {(r, f.layer) for f in stragglers for r in f.ranks}
+    keep_drifts = []
+    for f in drifts:
+        if f.layer == "communication" and (stragglers or links):
+            continue  # others waiting for a straggler or a slow link show up as a comm drift
+        if f.ranks and all((r, f.layer) in slow for r in f.ranks):
+            continue  # a straggler is the more specific finding
+        keep_drifts.append(f)
+    keep_spikes = [f for f in spikes if not (f.ranks and all((r, f.layer) in slow for r in f.ranks))]
+    out = hangs + sorted(stragglers + links, key=lambda f: f.detected_step or 0) + \
+        sorted(keep_drifts, key=lambda f: f.detected_step or 0) + keep_spikes
+    return out

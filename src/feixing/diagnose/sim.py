@@ -1,0 +1,70 @@
+"""A lightweight training-like loop driven through Telemetry + faults, for tests and the evaluation harness.
+
+The real trainer is too slow on a 2-core CPU to run hundreds of evaluation runs, so the tests
+and `benchmarks/doctor_eval.py` use this loop instead. Everything in it is real work, only
+small: a data wait (sleep, as a loader that is not ready), a two-layer MLP forward and
+backward with autograd, a gloo all_reduce of the gradients (the exposed communication wait),
+an SGD update, and every `ckpt_every` steps a torch.save of the weights into memory. It runs
+the same Telemetry and fault code the trainer uses.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from feixing.config.schema import FaultConfig, TelemetryConfig
+from feixing.diagnose.telemetry import Telemetry
+
+
+def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[dict] | None = None,
+             telemetry: dict | None = None, seed: int = 0, hidden: int = 96, batch: int = 32,
+             data_s: float = 0.001, ckpt_every: int = 50, enabled: bool = True) -> dict:
+    """Run `steps` training-like steps; returns timing totals (and the telemetry's own cost)."""
+    torch.set_num_threads(1)
+    cfg = TelemetryConfig(**{"enabled": enabled, **(telemetry or {})})
+    fcfg = [FaultConfig(**f) for f in (faults or [])]
+    tele = Telemetry(cfg, faults=fcfg, run_dir=run_dir, rank=rank, world_size=world_size)
+    g = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(hidden, 4 * hidden, generator=g) / hidden**0.5).requires_grad_()
+    w2 = (torch.randn(4 * hidden, hidden, generator=g) / (4 * hidden) ** 0.5).requires_grad_()
+    params = [w1, w2]
+    flat = torch.zeros(sum(p.numel() for p in params))
+    rng = random.Random(seed * 1000 + rank)
+    xg = torch.Generator().manual_seed(seed * 1000 + rank)
+    t_start = time.perf_counter()
+    for step in range(1, steps + 1):
+        with tele.phase("data"):
+            time.sleep(data_s * (0.8 + 0.4 * rng.random()))
+            x = torch.randn(batch, hidden, generator=xg)
+        with tele.phase("forward"):
+            loss = (torch.relu(x @ w1) @ w2).pow(2).mean()
+        with tele.phase("backward"):
+            loss.backward()
+        with tele.phase("comm"):
+            torch.cat([p.grad.reshape(-1) for p in params], out=flat)
+            if world_size > 1:
+                dist.all_reduce(flat)
+        with tele.phase("optimizer"):
+            with torch.no_grad():
+                off = 0
+                for p in params:
+                    n = p.numel()
+                    p -= 1e-3 / world_size * flat[off:off + n].view_as(p)
+                    p.grad = None
+                    off += n
+        if ckpt_every and step % ckpt_every == 0:
+            with tele.phase("checkpoint"):
+                torch.save({"w1": w1.detach(), "w2": w2.detach()}, io.BytesIO())
+        tele.end_step(step)
+    wall = time.perf_counter() - t_start
+    out = {"wall_s": wall, "steps": steps}
+    if enabled:
+        out["tele_overhead"] = tele.overhead()
+        out["tele_total_s"] = tele._tele_total
+    tele.close()
+    return out

@@ -1,0 +1,217 @@
+"""Checkpoint commit, manifest, verify, retention and resume fallback on one process (CPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from feixing.checkpoint import CheckpointError, Manager
+from feixing.checkpoint import commit as C
+from feixing.checkpoint.stage import decode, encode
+from feixing.config.schema import CheckpointConfig
+
+
+def _app(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return {"model": model, "optim": opt, "sched": sched, "loader": {"pos": 0, "epoch": 0}}
+
+
+def _train(ck: Manager, app: dict, first: int, last: int) -> None:
+    for step in range(first, last + 1):
+        app["model"](torch.randn(4, 8)).pow(2).mean().backward()
+        ck.wait_staging()
+        app["optim"].step()
+        app["sched"].step()
+        app["optim"].zero_grad()
+        app["loader"]["pos"] = step * 4
+        ck.maybe_save(step, app)
+
+
+def _same_state(a: dict, b: dict) -> None:
+    for (n, p), (_, q) in zip(a["model"].named_parameters(), b["model"].named_parameters()):
+        assert torch.equal(p, q), n
+    sa, sb = a["optim"].state_dict(), b["optim"].state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for k in sa["state"]:
+        for n, v in sa["state"][k].items():
+            assert torch.equal(v, sb["state"][k][n]), (k, n)
+    assert a["sched"].state_dict() == b["sched"].state_dict()
+    assert a["loader"] == b["loader"]
+
+
+def _run(tmp_path, steps: int = 4, **cfg) -> tuple[dict, Manager]:
+    ck = Manager(CheckpointConfig(**{"interval": 2, "keep": 5, **cfg}), str(tmp_path), 0, 1)
+    app = _app()
+    _train(ck, app, 1, steps)
+    ck.close()
+    return app, ck
+
+
+def _root(tmp_path) -> str:
+    return os.path.join(tmp_path, "checkpoints")
+
+
+def test_save_resume_roundtrip_is_exact_and_pickle_free(tmp_path, monkeypatch):
+    app, ck = _run(tmp_path)
+    assert ck.errors == [] and ck.last_committed.endswith("step-00000004")
+    folder = ck.last_committed
+    assert sorted(os.listdir(folder)) == ["manifest.json", "rank-00000.json", "rank-00000.safetensors"]
+    body = C.read_manifest(folder)
+    assert body["step"] == 4 and body["world_size"] == 1 and body["versions"]["torch"]
+    # The data file is a plain safetensors file any tool can read.
+    tensors = safetensors.torch.load_file(os.path.join(folder, "rank-00000.safetensors"))
+    assert torch.equal(tensors["sharded/model/0.weight"], app["model"][0].weight)
+
+    def no_pickle(*a, **k):
+        raise AssertionError("checkpoint loading must not unpickle")
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "Unpickler", no_pickle)
+    fresh = _app(seed=1)
+    ck2 = Manager(CheckpointConfig(interval=2), str(tmp_path), 0, 1)
+    assert ck2.resume(fresh, "auto") == 4
+    _same_state(app, fresh)
+    assert ck2.resume(_app(seed=2), "none") == 0
+
+
+def test_async_and_sync_saves_write_identical_files(tmp_path):
+    _run(tmp_path / "a", async_save=True)
+    _run(tmp_path / "s", async_save=False)
+    for step in ("step-00000002", "step-00000004"):
+        fa = C.read_manifest(os.path.join(_root(tmp_path / "a"), step))["files"]
+        fs = C.read_manifest(os.path.join(_root(tmp_path / "s"), step))["files"]
+        assert fa == fs
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "no_manifest"])
+def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, caplog):
+    app, _ = _run(tmp_path, steps=4)
+    root = _root(tmp_path)
+    newest = os.path.join(root, "step-00000004")
+    target = os.path.join(newest, "rank-00000.safetensors")
+    if damage == "flip":
+        with open(target, "r+b") as f:
+            f.seek(os.path.getsize(target) - 7)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x01]))
+    elif damage == "truncate":
+        os.truncate(target, os.path.getsize(target) - 3)
+    elif damage == "manifest":
+        text = open(os.path.join(newest, "manifest.json")).read().replace('"step": 4', '"step": 5')
+        open(os.path.join(newest, "manifest.json"), "w").write(text)
+    else:
+        os.remove(os.path.join(newest, "manifest.json"))
+    fresh = _app(seed=1)
+    ck = Manager(CheckpointConfig(interval=2, verify_checksums=damage != "truncate"), str(tmp_path), 0, 1)
+    with caplog.at_level(logging.WARNING):
+        assert ck.resume(fresh, "auto") == 2
+    if damage != "no_manifest":  # a folder without manifest is not even a candidate
+        assert "falling back" in caplog.text and "step-00000004" in caplog.text
+        assert any(n.startswith("corrupt-step-00000004") for n in os.listdir(root))
+    assert fresh["loader"]["pos"] == 8
+    with pytest.raises(CheckpointError, match="not a checkpoint folder|no committed"):
+        Manager(CheckpointConfig(), str(tmp_path), 0, 1).resume(_app(), str(tmp_path / "nowhere"))
+
+
+def test_explicit_path_and_all_invalid_is_an_error(tmp_path):
+    app, _ = _run(tmp_path, steps=4)
+    fresh = _app(seed=1)
+    ck = Manager(CheckpointConfig(), str(tmp_path), 0, 1)
+    assert ck.resume(fresh, os.path.join(_root(tmp_path), "step-00000002")) == 2
+    for name in os.listdir(_root(tmp_path)):
+        os.truncate(os.path.join(_root(tmp_path), name, "rank-00000.json"), 5)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        Manager(CheckpointConfig(), str(tmp_path), 0, 1).resume(_app(), "auto")
+
+
+def test_retention_keeps_last_k_and_every_n(tmp_path):
+    _, ck = _run(tmp_path, steps=7, interval=1, keep=2, keep_every=3)
+    assert sorted(os.listdir(_root(tmp_path))) == ["step-00000003", "step-00000006", "step-00000007"]
+    # newest is never pruned, even when older ones have higher steps (resumed from an old one)
+    assert C.select_prunable([1, 2, 3, 9], newest=3, keep=1, keep_every=0) == [2, 1]
+    assert C.select_prunable([5], newest=5, keep=1, keep_every=0) == []
+
+
+def test_interrupted_save_leaves_only_a_temp_folder_removed_at_start(tmp_path, caplog):
+    _run(tmp_path, steps=2)
+    root = _root(tmp_path)
+    stale = os.path.join(root, ".tmp-step-00000004-deadbeef")
+    os.makedirs(stale)
+    open(os.path.join(stale, "rank-00000.safetensors"), "wb").write(b"partial")
+    os.makedirs(os.path.join(root, "step-00000006"))  # renamed but manifest lost: not loadable
+    with caplog.at_level(logging.WARNING):
+        ck = Manager(CheckpointConfig(interval=2), str(tmp_path), 0, 1)
+    assert not os.path.exists(stale) and "interrupted" in caplog.text
+    assert ck.resume(_app(seed=3), "auto") == 2
+
+
+def test_disk_full_keeps_previous_and_continues(tmp_path, caplog):
+    ck = Manager(CheckpointConfig(interval=2), str(tmp_path), 0, 1)
+    app = _app()
+    _train(ck, app, 1, 2)
+    ck.flush()
+    # The kernel's own ENOSPC: the rank file of the next save is /dev/full.
+    tmp = os.path.join(_root(tmp_path), C.temp_dirname(4, ck.token))
+    os.makedirs(tmp)
+    os.symlink("/dev/full", os.path.join(tmp, "rank-00000.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        _train(ck, app, 3, 4)
+        ck.flush()
+    assert len(ck.errors) == 1 and "No space left on device" in ck.errors[0]
+    assert "step-00000002" in ck.errors[0] and "Training continues" in caplog.text
+    assert not os.path.exists(tmp)  # the failed save is cleaned up
+    _train(ck, app, 5, 6)  # the next save works again
+    ck.close()
+    assert sorted(os.listdir(_root(tmp_path))) == ["step-00000002", "step-00000006"]
+
+
+def test_vanished_folder_and_on_error_stop(tmp_path):
+    ck = Manager(CheckpointConfig(interval=2, on_error="stop"), str(tmp_path), 0, 1)
+    app = _app()
+    _train(ck, app, 1, 1)
+    os.rmdir(_root(tmp_path))
+    _train(ck, app, 2, 2)
+    with pytest.raises(CheckpointError, match="vanished.*on_error = 'stop'"):
+        ck.flush()
+    ck.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_permission_denied_is_a_clear_error(tmp_path):
+    ck = Manager(CheckpointConfig(interval=2), str(tmp_path), 0, 1)
+    app = _app()
+    _train(ck, app, 1, 2)
+    ck.flush()
+    os.chmod(_root(tmp_path), 0o555)
+    try:
+        _train(ck, app, 3, 4)
+        ck.flush()
+    finally:
+        os.chmod(_root(tmp_path), 0o755)
+    ck.close()
+    assert len(ck.errors) == 1 and "Permission denied" in ck.errors[0]
+    assert C.list_committed(_root(tmp_path))[0][0] == 2
+
+
+def test_codec_roundtrip_and_unsupported_types():
+    state = {"betas": (0.9, 0.95), 3: "int key", "nan": float("nan"), "none": None,
+             "np": np.arange(5, dtype=np.uint32), "t": torch.ones(2), "nested": [{"a": (1, [2])}]}
+    tensors: dict = {}
+    text = json.dumps(encode(state, "x", tensors))
+    back = decode(json.loads(text), lambda k: tensors[k])
+    assert back["betas"] == (0.9, 0.95) and back[3] == "int key" and back["none"] is None
+    assert np.isnan(back["nan"]) and back["np"].dtype == np.uint32 and back["np"].tolist() == [0, 1, 2, 3, 4]
+    assert back["t"] is state["t"] and back["nested"] == [{"a": (1, [2])}]
+    with pytest.raises(CheckpointError, match="'x/f'.*function"):
+        encode({"f": lambda: 0}, "x", {})
