@@ -38,7 +38,7 @@ def _cases(P: int) -> list[dict]:
                     dict(gqa, **cfg, mode="allgather", causal=False, window=(4, 1), seed=5)]
         if U > 1 and R > 1:
             out += [dict(gqa, **cfg, ulysses_first=False, causal=True, seed=6)]
-    out += [dict(base, H=4, Hkv=2, U=P if P <= 4 else 4, R=1 if P <= 4 else P // 4,
+    out += [dict(base, H=4, Hkv=2, U=min(P, 4), R=1 if P <= 4 else P // 4,
                  backend="reference", causal=True, docs=True, seed=7)]
     return [c for c in out if c["H"] % c["U"] == 0]
 

@@ -50,7 +50,7 @@ def test_sliding_window_blocks_are_not_sent(pool4):
     sent = pool4.run(_window_bytes)
     S, R, L, kv_bytes = 32, 4, 4, 1 * (32 // 4) * 2 * 2 * 8 * F32
     vis = reference.attention_mask(torch.arange(S), torch.arange(S), causal=True, window=(2, 0))[0]
-    owner = lambda c: c if c < R else 2 * R - 1 - c  # noqa: E731 - zigzag chunk -> ring rank
+    owner = lambda c: c if c < R else 2 * R - 1 - c
     needed = {(owner(qc), owner(kc)) for qc in range(2 * R) for kc in range(2 * R)
               if vis[qc * L:(qc + 1) * L, kc * L:(kc + 1) * L].any() and owner(qc) != owner(kc)}
     for j in range(R):
@@ -94,7 +94,7 @@ def _errors(rank, world_size):
         *([torch.zeros(1, 4, 4, 8)] * 3)), "runs on cuda tensors")
     cp = get_cp(2, 2)
     cp.counter.reset()
-    z = lambda s, h: torch.zeros(1, s, h, 8)  # noqa: E731
+    z = lambda s, h: torch.zeros(1, s, h, 8)
     expect(lambda: cp.shard(torch.zeros(1, 12, 4, 8)), "not divisible by 2 * cp_degree")
     expect(lambda: cp.attention(z(3, 4), z(3, 4), z(3, 4)), "not divisible by 2")
     expect(lambda: cp.attention(z(4, 3), z(4, 3), z(4, 3)), "not divisible by cp_ulysses_degree")

@@ -17,7 +17,7 @@ TOL = 1e-5
 
 def _inputs(B=2, S=12, H=4, Hkv=2, D=24, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     return mk(B, S, H, D), mk(B, S, Hkv, D), mk(B, S, Hkv, D), mk(B, S, H, D)
 
 
@@ -55,7 +55,7 @@ def test_empty_rows_get_minus_inf_lse_and_zero_grads():
         out, lse = A.block_forward(q, k, v, scale=0.2, mask=spec, backend=backend)
         assert torch.isinf(lse[:, :, :3]).all() and (lse[:, :, :3] < 0).all(), backend
         assert torch.isfinite(lse[:, :, 3:]).all() and out[:, :3].abs().max() == 0, backend
-        dq, dk, dv = A.block_backward(do, q, k, v, out, lse, scale=0.2, mask=spec, backend=backend)
+        dq, _, _ = A.block_backward(do, q, k, v, out, lse, scale=0.2, mask=spec, backend=backend)
         assert torch.isfinite(dq).all() and dq[:, :3].abs().max() == 0, backend
 
 
@@ -93,3 +93,14 @@ def test_backend_errors():
     q, k, v, _ = _inputs(H=4, Hkv=3)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         A.attention(q, k[:, :, :3], v[:, :, :3])
+
+
+def test_bf16_inputs_stay_close_to_reference():
+    q, k, v, do = _inputs(S=16)
+    ro, _ = reference.attention(q, k, v, causal=True)
+    qs, ks, vs = (x.bfloat16().requires_grad_() for x in (q, k, v))
+    out = A.attention(qs, ks, vs, causal=True, backend="cpu_flash")
+    out.backward(do.bfloat16())
+    assert out.dtype == torch.bfloat16 and qs.grad.dtype == torch.bfloat16
+    # bf16 has 8 mantissa bits (eps 7.8e-3) and outputs are O(1): a few eps
+    assert (out.double() - ro).abs().max() < 3e-2

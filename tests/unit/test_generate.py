@@ -28,7 +28,7 @@ def _greedy_without_cache(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "tie_embeddings": True}])
@@ -47,7 +47,7 @@ def test_cached_logits_equal_full_forward():
     with torch.no_grad():
         full = model(tokens)
         steps = [model(tokens[:, :6], kv_cache=cache)]
-        steps += [model(tokens[:, i:i + 1], kv_cache=cache) for i in range(6, 10)]
+        steps += [model(tokens[:, i : i + 1], kv_cache=cache) for i in range(6, 10)]
     assert cache.length == 10
     # Same math; only the softmax reduction length differs per row: fp32 rounding.
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-4)
@@ -75,3 +75,15 @@ def test_generate_errors_and_restores_mode():
     cache = KVCache(model.args, 1, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="KV cache holds 4"):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_greedy_with_cache_equals_recompute():
+    model = _model().cuda()
+    prompt = [5, 17, 99, 3, 42]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq], device="cuda"))[0, -1].argmax()))
+    assert generate(model, prompt, max_new_tokens=12, temperature=0.0) == seq[len(prompt) :]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from feixing.models.llama.hf import args_from_hf_config, export_hf, load_hf, load_hf_state_dict  # noqa: E402
+from feixing.models.llama.hf import args_from_hf_config, export_hf, load_hf, load_hf_state_dict
 
 torch.set_num_threads(1)
 # fp32 logits of a 2-layer model with O(1) weights: both sides run the same math in a different
@@ -31,9 +31,17 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def _llama(**kw) -> LlamaForCausalLM:
-    cfg = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               rms_norm_eps=1e-5, rope_theta=10000.0)
+    cfg = {
+        "vocab_size": V,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    }
     cfg.update(kw)
     m = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     _randomize(m, 1)
@@ -41,9 +49,18 @@ def _llama(**kw) -> LlamaForCausalLM:
 
 
 def _qwen2(**kw) -> Qwen2ForCausalLM:
-    cfg = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-               rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False)
+    cfg = {
+        "vocab_size": V,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "use_sliding_window": False,
+    }
     cfg.update(kw)
     m = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
     _randomize(m, 2)
@@ -54,12 +71,20 @@ def _qwen2(**kw) -> Qwen2ForCausalLM:
 
 CASES = {
     "llama-gqa": lambda: _llama(),
-    "llama3-scaling": lambda: _llama(rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}),
+    "llama3-scaling": lambda: _llama(
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     "llama-linear": lambda: _llama(rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "llama-yarn": lambda: _llama(rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                               "original_max_position_embeddings": 16}),
+    "llama-yarn": lambda: _llama(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    ),
     "llama-tied-mha": lambda: _llama(num_key_value_heads=4, tie_word_embeddings=True),
     "qwen2-bias": lambda: _qwen2(),
     "qwen2-tied": lambda: _qwen2(tie_word_embeddings=True, num_key_value_heads=2),
@@ -107,8 +132,9 @@ def test_sharded_checkpoint_and_packed_positions(tmp_path):
     tokens = torch.randint(0, V, (1, S), generator=torch.Generator().manual_seed(5))
     pos = torch.arange(7, 7 + S).unsqueeze(0)
     with torch.no_grad():
-        torch.testing.assert_close(ours(tokens, positions=pos), hf(tokens, position_ids=pos).logits,
-                                   atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(
+            ours(tokens, positions=pos), hf(tokens, position_ids=pos).logits, atol=ATOL, rtol=RTOL
+        )
 
 
 def test_bad_folders_raise_clear_errors(tmp_path):
@@ -136,3 +162,20 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mlp.gate_proj"):
         load_hf_state_dict(tmp_path)
+
+
+def test_build_from_hf_checkpoint_config(tmp_path):
+    from feixing.config.schema import ModelConfig
+    from feixing.models import build
+
+    hf = _qwen2(tie_word_embeddings=True, num_key_value_heads=2)
+    hf.save_pretrained(tmp_path)
+    model = build(ModelConfig(flavor="ignored", hf_checkpoint=str(tmp_path)))
+    assert model.tok_embeddings.weight.is_meta and model.args.qkv_bias and model.args.tie_embeddings
+    model.to_empty(device="cpu")
+    model.load_state_dict(load_hf_state_dict(tmp_path, model.args))
+    tokens = torch.randint(0, V, (1, S), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        build(ModelConfig(hf_checkpoint=str(tmp_path), vocab_size=V + 64))

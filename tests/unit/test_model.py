@@ -1,4 +1,4 @@
-"""The Llama model: flavors, meta build, deterministic init, forward semantics, replaceable attention."""
+"""The Llama model: flavors, meta build, deterministic init, forward semantics, attention hook."""
 
 from __future__ import annotations
 
@@ -38,8 +38,14 @@ def test_flavor_builds_on_meta_and_counts_params(flavor):
 
 def test_published_sizes():
     # Parameter counts from the model cards (billions, rounded as published).
-    for flavor, billions in {"1b": 1.24, "8b": 8.03, "70b": 70.6, "qwen2-0.5b": 0.49, "qwen2-7b": 7.6,
-                             "llama2-7b": 6.74}.items():
+    for flavor, billions in {
+        "1b": 1.24,
+        "8b": 8.03,
+        "70b": 70.6,
+        "qwen2-0.5b": 0.49,
+        "qwen2-7b": 7.6,
+        "llama2-7b": 6.74,
+    }.items():
         assert get_args(flavor).num_params() / 1e9 == pytest.approx(billions, rel=0.01), flavor
 
 
@@ -77,8 +83,12 @@ def test_init_is_deterministic_and_seeded():
         if "norm" not in name:
             assert not torch.equal(pa, pc), name
     w = a.layers["0"].attention.wq.weight
-    assert 0.015 < w.std() < 0.025 and w.abs().max() <= 3 * 0.02 + 1e-6  # N(0, 0.02) truncated at 3 sigma
-    assert a.layers["1"].attention.wo.weight.std() < 0.5 * w.std()  # residual projections scaled down
+    assert (
+        0.015 < w.std() < 0.025 and w.abs().max() <= 3 * 0.02 + 1e-6
+    )  # N(0, 0.02) truncated at 3 sigma
+    assert (
+        a.layers["1"].attention.wo.weight.std() < 0.5 * w.std()
+    )  # residual projections scaled down
     assert torch.equal(a.norm.weight, torch.ones_like(a.norm.weight))
 
 
@@ -146,8 +156,15 @@ def test_attention_core_is_replaceable():
 
     def core(q, k, v, *, causal, document_ids, window, softmax_scale):
         calls.append((q.shape, k.shape, causal, window, softmax_scale))
-        return attention(q, k, v, causal=causal, document_ids=document_ids, window=window,
-                         softmax_scale=softmax_scale)
+        return attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            document_ids=document_ids,
+            window=window,
+            softmax_scale=softmax_scale,
+        )
 
     for block in model.layers.values():
         block.attention.core = core
@@ -187,3 +204,20 @@ def test_bad_shapes_raise():
         get_args("tiny", head_dim=15)
     with pytest.raises(ValueError, match="head_dim"):
         get_args("tiny", dim=66, n_heads=4, head_dim=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_meta_init_and_bf16_forward_match_fp32():
+    with torch.device("meta"):
+        a, b = Llama(get_args("tiny")), Llama(get_args("tiny"))
+    for m in (a, b):
+        m.to_empty(device="cuda")
+        m.init_weights(0)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+    tokens = _tokens().cuda()
+    with torch.no_grad():
+        want = a(tokens)
+        got = a.to(torch.bfloat16)(tokens).float()
+    # bf16 weights and activations through 2 layers: ~1e-2 relative; logits here are O(0.1).
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)

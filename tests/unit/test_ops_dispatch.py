@@ -29,7 +29,9 @@ def test_rms_norm_bf16_keeps_dtype_and_computes_in_fp32():
     got = rms_norm(x.bfloat16(), w.bfloat16(), 1e-6)
     assert got.dtype == torch.bfloat16
     # One bf16 rounding of the fp32 result (8 mantissa bits -> rel. 2^-8).
-    torch.testing.assert_close(got.float(), rms_norm(x.bfloat16().float(), w, 1e-6), rtol=2**-8, atol=0)
+    torch.testing.assert_close(
+        got.float(), rms_norm(x.bfloat16().float(), w, 1e-6), rtol=2**-8, atol=0
+    )
 
 
 def test_swiglu_matches_builtin():
@@ -50,11 +52,14 @@ def test_cross_entropy_sum_and_count_with_ignore_index():
     assert bf_sum.dtype == torch.float32
 
 
-@pytest.mark.parametrize("call", [
-    lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="triton"),
-    lambda: swiglu(torch.ones(2), torch.ones(2), backend="triton"),
-    lambda: cross_entropy(torch.ones(2, 4), torch.zeros(2, dtype=torch.long), backend="liger"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="triton"),
+        lambda: swiglu(torch.ones(2), torch.ones(2), backend="triton"),
+        lambda: cross_entropy(torch.ones(2, 4), torch.zeros(2, dtype=torch.long), backend="liger"),
+    ],
+)
 def test_unknown_backend_names_the_choices(call):
     with pytest.raises(ValueError, match="auto"):
         call()

@@ -1,4 +1,4 @@
-"""RoPE: every scaling variant equals transformers' rope init functions; apply equals HF's rotation."""
+"""RoPE: each scaling variant equals transformers' rope init functions; apply equals HF's."""
 
 from __future__ import annotations
 
@@ -10,49 +10,106 @@ from feixing.ops.rope import RopeScaling, apply_rope, cos_sin, inv_freq
 
 torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig  # noqa: E402
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 HEAD_DIM, MAX_POS = 64, 4096
 
 # (HF rope dict, feixing RopeScaling, seq_len HF evaluates at)
 VARIANTS = {
     "linear": ({"rope_type": "linear", "factor": 4.0}, RopeScaling("linear", 4.0), None),
-    "dynamic-short": ({"rope_type": "dynamic", "factor": 2.0},
-                      RopeScaling("dynamic", 2.0, original_max_seq_len=MAX_POS), MAX_POS),
-    "dynamic-long": ({"rope_type": "dynamic", "factor": 2.0},
-                     RopeScaling("dynamic", 2.0, original_max_seq_len=MAX_POS), 3 * MAX_POS),
-    "yarn": ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512},
-             RopeScaling("yarn", 8.0, original_max_seq_len=512), None),
-    "yarn-mscale": ({"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 1024,
-                     "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 24, "beta_slow": 2,
-                     "truncate": False},
-                    RopeScaling("yarn", 16.0, original_max_seq_len=1024, mscale=0.707,
-                                mscale_all_dim=0.707, beta_fast=24, beta_slow=2, truncate=False), None),
-    "yarn-attention-factor": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-                               "attention_factor": 1.3},
-                              RopeScaling("yarn", 4.0, original_max_seq_len=1024, attention_factor=1.3), None),
-    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 1024},
-               RopeScaling("llama3", 8.0, original_max_seq_len=1024), None),
-    "llama3-2": ({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
-                  "original_max_position_embeddings": 2048},
-                 RopeScaling("llama3", 32.0, original_max_seq_len=2048, low_freq_factor=2.0,
-                             high_freq_factor=8.0), None),
+    "dynamic-short": (
+        {"rope_type": "dynamic", "factor": 2.0},
+        RopeScaling("dynamic", 2.0, original_max_seq_len=MAX_POS),
+        MAX_POS,
+    ),
+    "dynamic-long": (
+        {"rope_type": "dynamic", "factor": 2.0},
+        RopeScaling("dynamic", 2.0, original_max_seq_len=MAX_POS),
+        3 * MAX_POS,
+    ),
+    "yarn": (
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512},
+        RopeScaling("yarn", 8.0, original_max_seq_len=512),
+        None,
+    ),
+    "yarn-mscale": (
+        {
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 1024,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 24,
+            "beta_slow": 2,
+            "truncate": False,
+        },
+        RopeScaling(
+            "yarn",
+            16.0,
+            original_max_seq_len=1024,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+            beta_fast=24,
+            beta_slow=2,
+            truncate=False,
+        ),
+        None,
+    ),
+    "yarn-attention-factor": (
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "attention_factor": 1.3,
+        },
+        RopeScaling("yarn", 4.0, original_max_seq_len=1024, attention_factor=1.3),
+        None,
+    ),
+    "llama3": (
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        },
+        RopeScaling("llama3", 8.0, original_max_seq_len=1024),
+        None,
+    ),
+    "llama3-2": (
+        {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 2048,
+        },
+        RopeScaling(
+            "llama3", 32.0, original_max_seq_len=2048, low_freq_factor=2.0, high_freq_factor=8.0
+        ),
+        None,
+    ),
 }
 
 
 def _hf_config(rope: dict | None, theta: float = 500000.0) -> LlamaConfig:
     params = {"rope_theta": theta, **(rope or {"rope_type": "default"})}
-    return LlamaConfig(hidden_size=HEAD_DIM * 4, num_attention_heads=4, max_position_embeddings=MAX_POS,
-                       rope_parameters=params)
+    return LlamaConfig(
+        hidden_size=HEAD_DIM * 4,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_POS,
+        rope_parameters=params,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_inv_freq_matches_transformers(name):
     rope, ours, seq_len = VARIANTS[name]
-    want, want_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](_hf_config(dict(rope)), "cpu", seq_len=seq_len)
+    want, want_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](
+        _hf_config(dict(rope)), "cpu", seq_len=seq_len
+    )
     got, scale = inv_freq(HEAD_DIM, 500000.0, ours, max_seq_len=seq_len or MAX_POS)
     # Same fp32 formulas in the same order: equal up to pow/log rounding (1 ulp).
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

@@ -272,6 +272,11 @@ class Manager:
             raise C.CheckpointError(msg + " Stopping (checkpoint.on_error = 'stop').")
         log.warning("%s Training continues (checkpoint.on_error = 'continue').", msg)
 
+    def busy(self) -> bool:
+        """Whether a save is still staging or persisting (never blocks)."""
+        self._poll(block=False)
+        return self._inflight is not None
+
     def flush(self) -> None:
         """Block until the save in flight (if any) is persisted and, on rank 0, committed."""
         self.wait_staging()

@@ -61,24 +61,29 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 def persist(buf, nbytes: int, header: bytes, path: str) -> tuple[int, str]:
-    """Write a safetensors file (header + buffer bytes) with one pass that also hashes it."""
+    """Write a safetensors file (header + buffer bytes) and its sha256.
+
+    The hash runs in a thread over the same shared buffer while this thread writes (hashlib and
+    os.write both release the GIL), so a save takes max(write, hash), not their sum.
+    """
     h = hashlib.sha256()
+    prefix = struct.pack("<Q", len(header)) + header
+    h.update(prefix)
+    view = memoryview(buf)[:nbytes] if nbytes else memoryview(b"")
+    hasher = threading.Thread(target=h.update, args=(view,), name="feixing-ckpt-sha256")
+    hasher.start()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        prefix = struct.pack("<Q", len(header)) + header
         _write_all(fd, memoryview(prefix))
-        h.update(prefix)
-        view = memoryview(buf)[:nbytes] if nbytes else memoryview(b"")
         for off in range(0, nbytes, _CHUNK):
-            part = view[off: off + _CHUNK]
-            _write_all(fd, part)
-            h.update(part)
+            _write_all(fd, view[off: off + _CHUNK])
         os.fsync(fd)
         if hasattr(os, "posix_fadvise"):
             # Nobody reads a checkpoint back soon: do not push training data out of the page cache.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+        hasher.join()
     return len(prefix) + nbytes, h.hexdigest()
 
 

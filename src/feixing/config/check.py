@@ -103,9 +103,10 @@ def _model_problems(cfg: Config, cp: int) -> list[str]:
     from feixing import models
 
     try:
-        args = models.get_args(cfg.model.flavor)
-    except (KeyError, ValueError) as e:
-        return [f"model.flavor = {cfg.model.flavor!r}: {e}"]
+        args = models.resolve_args(cfg.model)  # the flavor's shape, or hf_checkpoint's config.json
+    except (KeyError, ValueError, OSError) as e:
+        key = "model.hf_checkpoint" if cfg.model.hf_checkpoint else "model.flavor"
+        return [f"{key} = {getattr(cfg.model, key.split('.')[1])!r}: {e}"]
     out = []
     u = cfg.parallel.cp_ulysses_degree
     if u > 1 and args.n_heads % u:

@@ -3,4 +3,4 @@
 from feixing.context_parallel.accounting import CommCounter
 from feixing.context_parallel.api import ContextParallel
 
-__all__ = ["ContextParallel", "CommCounter"]
+__all__ = ["CommCounter", "ContextParallel"]

@@ -76,7 +76,7 @@ class ContextParallel:
         return mine_u, mine_r
 
     @classmethod
-    def from_mesh(cls, mesh, mode: str = "ring", backend: str = "auto") -> "ContextParallel":
+    def from_mesh(cls, mesh, mode: str = "ring", backend: str = "auto") -> ContextParallel:
         """Build from a DeviceMesh with axes 'cp_ulysses' and 'cp_ring' (either may be size 1)."""
         names = tuple(mesh.mesh_dim_names or ())
         missing = [n for n in ("cp_ulysses", "cp_ring") if n not in names]

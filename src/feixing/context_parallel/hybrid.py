@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from feixing.context_parallel.ring import AllGatherAttention, RingAttention, RingPlan, local_attention
+from feixing.context_parallel.ring import (
+    AllGatherAttention,
+    RingAttention,
+    RingPlan,
+    local_attention,
+)
 from feixing.context_parallel.ulysses import HeadToSeq, SeqToHead, head_to_seq
 
 Tensor = torch.Tensor

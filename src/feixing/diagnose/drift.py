@@ -1,7 +1,9 @@
 """Drift and spike detection over a whole run, and the rules that merge all findings into a verdict.
 
 Drift: for every phase (per step) and every canary, for all ranks pooled and each rank alone,
-a CUSUM against an early baseline (detect.drift_test). Phases that belong to one layer are
+a CUSUM against an early baseline (detect.drift_test). On CPU, compute phases and the dispatch
+canary are divided by a reference canary (one small matmul) first, so a host that got slower
+at everything (other processes, a lower clock) is not reported as a compute or dispatch drift. Phases that belong to one layer are
 merged into one finding per (scope, layer). A compute drift is labelled `dispatch` when the
 dispatch canary (a fixed sequence of tiny operators, which no model change affects) rose by
 at least half as much: on CPU, host dispatch and compute cannot be told apart otherwise.
@@ -15,9 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 from feixing.diagnose.detect import (DRIFT_BASE_BLOCKS, DRIFT_BLOCK, DRIFT_MIN, DRIFT_WARMUP, LAYER_OF,
-                                     SPIKE_RATIO, SPIKE_REF, Finding, drift_series, drift_test, rolling)
+                                     SPIKE_RATIO, SPIKE_RATIO_NOISY, SPIKE_REF, Finding, _robust_sigma, drift_series, drift_test,
+                                     rolling)
 
 DRIFT_PHASES = ("data", "forward", "backward", "optimizer", "gc", "comm")
+# signal -> smallest growth worth a finding; on CPU, dispatch_s is replaced by dispatch_ratio
+# (dispatch canary CPU time / reference matmul CPU time, see probes.Canaries.reference)
 CANARY_DRIFT = {"dispatch_s": DRIFT_MIN, "rss_mb": 0.10}  # signal -> smallest growth worth a finding
 _WHAT = {"data": "waiting for data", "compute": "compute time", "dispatch": "host dispatch latency",
          "gc": "GC pause time", "communication": "exposed communication wait", "memory": "resident memory"}
@@ -33,15 +38,27 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
     step_base = float(np.nanmedian(sig["step"][:, warm:warm + DRIFT_BASE_BLOCKS * DRIFT_BLOCK])) \
         if steps_w.size else 0.0
     n_ranks = sig["step"].shape[0]
+    ref = can.get("ref_cpu_s")
+    if ref is not None and "dispatch_cpu_s" in can:
+        can = {**can, "dispatch_ratio": can["dispatch_cpu_s"] / ref}
     raw = []  # (scope, layer, signal, first_step, detected_step, final_z)
     for name in DRIFT_PHASES:
         if name not in sig:
             continue
-        x = sig[name][:, warm:]
-        for scope in ["all"] + list(range(n_ranks)):
+        x = sig[f"cpu_{name}" if f"cpu_{name}" in sig else name][:, warm:]
+        # Exposed comm wait of one rank is a symptom of the others; only the pooled one is a signal.
+        scopes = ["all"] if name == "comm" else ["all"] + list(range(n_ranks))
+        for scope in scopes:
             vals = x if scope == "all" else x[scope:scope + 1]
-            q, bsteps = drift_series(vals, steps_w, DRIFT_BLOCK)
-            res = drift_test(q, norm=0.1 * step_base)
+            q, bsteps, per = drift_series(vals, steps_w, DRIFT_BLOCK)
+            if q.size == 0:
+                continue
+            if ref is not None and name in ("forward", "backward", "optimizer"):
+                q = q / _host_speed(bsteps, can_steps, ref, scope)
+            b = vals[:, :DRIFT_BASE_BLOCKS * DRIFT_BLOCK]
+            bm = np.nanmedian(b)
+            step_sigma = _robust_sigma((b - bm).ravel()) / max(bm, 0.1 * step_base) if bm > 0 else 0.0
+            res = drift_test(q, norm=0.1 * step_base, step_sigma=step_sigma, per_block=per)
             if res is not None:
                 alarm, start, z, _ = res
                 final = float(np.nanmedian(z[-3:]))
@@ -50,6 +67,8 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
                                 int(bsteps[alarm]), final))
     can_final = {}
     for name, floor in CANARY_DRIFT.items():
+        if name == "dispatch_s" and "dispatch_ratio" in can:
+            name = "dispatch_ratio"
         if name not in can or can[name].size == 0:
             continue
         m = can[name]
@@ -69,11 +88,21 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
     return _merge_drifts(raw, can_final, steps)
 
 
+def _host_speed(bsteps: np.ndarray, can_steps: np.ndarray, ref: np.ndarray, scope) -> np.ndarray:
+    """The reference canary's time at each block (latest canary so far; first one before it), relative to its median."""
+    series = np.nanmedian(ref, axis=0) if scope == "all" else ref[scope]
+    if series.size == 0 or not np.isfinite(series).any():
+        return np.ones(bsteps.size)
+    idx = np.clip(np.searchsorted(can_steps, bsteps, side="right") - 1, 0, series.size - 1)
+    v = series[idx]
+    return v / np.nanmedian(series)
+
+
 def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray) -> list[Finding]:
     by = {}
     for scope, layer, name, first, det, final in raw:
         if layer == "compute":
-            disp = can_final.get((scope, "dispatch_s"), 0.0)
+            disp = max(can_final.get((scope, "dispatch_s"), 0.0), can_final.get((scope, "dispatch_ratio"), 0.0))
             if disp >= max(0.5 * final, DRIFT_MIN / 2):
                 layer = "dispatch"
         by.setdefault((scope, layer), []).append((name, first, det, final))
@@ -95,7 +124,9 @@ def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray) -> list[Finding
 
 def find_spikes(steps: np.ndarray, sig: dict) -> list[Finding]:
     st = np.nanmedian(sig["step"], axis=0)
-    ref = np.concatenate([[np.nan], rolling(st, min(SPIKE_REF, max(st.size - 1, 1)))[:-1]])
+    ref = np.concatenate([[np.nan], rolling(st, SPIKE_REF)[:-1]])
+    for t in range(5, min(SPIKE_REF + 1, st.size)):  # early steps: median of what exists so far
+        ref[t] = np.nanmedian(st[:t])
     spikes = np.flatnonzero(st > SPIKE_RATIO * ref)
     groups: dict[str, list] = {}
     unexplained = 0
@@ -111,7 +142,7 @@ def find_spikes(steps: np.ndarray, sig: dict) -> list[Finding]:
             e = np.nan_to_num(col - (base if np.isfinite(base) else 0.0))
             if e.max() > best_v:
                 best, best_v, ranks = name, float(e.max()), list(np.flatnonzero(e >= 0.5 * e.max()))
-        if best is None or best_v < 0.5 * excess:
+        if best is None or best_v < 0.5 * excess or (best != "checkpoint" and st[t] < SPIKE_RATIO_NOISY * ref[t]):
             unexplained += 1
             continue
         groups.setdefault(best, []).append((int(steps[t]), excess / ref[t], ranks, best_v))

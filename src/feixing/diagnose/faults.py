@@ -7,8 +7,8 @@ starts, so that a fault does not compound on itself:
 
 | kind             | where                                | delay per step                          |
 |------------------|--------------------------------------|-----------------------------------------|
-| slow_rank        | forward, backward (half each)        | magnitude x recent step time             |
-| dispatch_ramp    | every compute phase + dispatch canary| f x that phase's baseline, f = magnitude x (step - start) / 100 |
+| slow_rank        | forward, backward (half each), busy  | magnitude x recent step time             |
+| dispatch_ramp    | compute phases + dispatch canary, busy | f x that phase's baseline, f = magnitude x (step - start) / 100 |
 | slow_link        | comm phase + ring probe send         | magnitude x recent step time, per message |
 | slow_data        | data                                 | magnitude x recent step time             |
 | gc_storm         | forward (a full gc.collect over ballast sized for magnitude x step) | measured as GC pause |
@@ -36,13 +36,21 @@ _RAMP_PHASES = ("forward", "backward", "optimizer")
 
 
 def wait(seconds: float) -> None:
-    """Delay the caller: sleep for long waits, spin for short ones (sleep overshoots ~0.1 ms)."""
+    """Idle delay (a wait for data, disk or a peer): sleep, then spin the last ms for precision."""
     if seconds <= 0:
         return
     end = time.perf_counter() + seconds
     if seconds > 0.002:
         time.sleep(seconds - 0.001)
     while time.perf_counter() < end:
+        pass
+
+
+def spin(seconds: float) -> None:
+    """Busy delay (slower compute or dispatch): burns CPU time, as slower work would."""
+    end = time.process_time() + seconds
+    deadline = time.perf_counter() + 20 * seconds + 1.0  # never spin forever when descheduled
+    while time.process_time() < end and time.perf_counter() < deadline:
         pass
 
 
@@ -65,6 +73,7 @@ class FaultInjector:
         self.rank, self.world_size = rank, world_size
         self.faults = [f for f in faults if not f.ranks or rank in f.ranks]
         self._started: set[int] = set()
+        self._hung: set[int] = set()
         self._step_base: dict[int, float] = {}
         self._phase_base: dict[int, dict[str, float]] = {}
         self._ballast: list = []
@@ -95,8 +104,9 @@ class FaultInjector:
         recent = list(history)[-20:]
         steps = [r["step_s"] for r in recent if r["step_s"] > 0]
         self._step_base[i] = statistics.median(steps) if steps else 0.01
-        self._phase_base[i] = {p: statistics.median([r["ph"].get(p, 0.0) for r in recent]) if recent else 0.0
-                               for p in _RAMP_PHASES}
+        # CPU time where recorded (CPU devices): the work a slower dispatch would stretch
+        self._phase_base[i] = {p: statistics.median([(r.get("cpu") or r["ph"]).get(p, 0.0) for r in recent])
+                               if recent else 0.0 for p in _RAMP_PHASES}
         if f.kind == "gc_storm":
             self._gc_target = f.magnitude * self._step_base[i]
             self._size_ballast()
@@ -115,7 +125,7 @@ class FaultInjector:
         for i, f in self._active(step, history):
             k = f.kind
             if k == "slow_rank" and phase in ("forward", "backward"):
-                wait(0.5 * f.magnitude * self._step_base[i])
+                spin(0.5 * f.magnitude * self._step_base[i])
             elif k == "slow_data" and phase == "data":
                 wait(f.magnitude * self._step_base[i])
             elif k == "checkpoint_stall" and phase == "checkpoint":
@@ -123,11 +133,12 @@ class FaultInjector:
             elif k == "slow_link" and phase == "comm":
                 wait(f.magnitude * self._step_base[i])
             elif k == "dispatch_ramp" and phase in _RAMP_PHASES:
-                wait(self._ramp(f, step) * self._phase_base[i].get(phase, 0.0))
+                spin(self._ramp(f, step) * self._phase_base[i].get(phase, 0.0))
             elif k == "gc_storm" and phase == "forward":
                 _ = [[j] for j in range(1000)]  # fresh garbage, then a full pass over the ballast
                 gc.collect()
-            elif k == "hang" and phase == "backward":
+            elif k == "hang" and phase == "backward" and i not in self._hung:
+                self._hung.add(i)  # a hang is one event: the rank stops once
                 log.error("FAULT hang: rank %d stops before backward at step %s", self.rank, step)
                 self.release.wait(f.magnitude if f.magnitude > 0 else None)
 

@@ -1,4 +1,4 @@
-"""Canaries run every `canary_interval` steps: host dispatch latency, ring-link and group collective probes, memory.
+"""Canaries: host dispatch latency and memory every `canary_interval` steps, collective probes every `probe_interval`.
 
 Every rank runs the same canaries at the same step (they contain collectives). Each returns
 plain floats for the rank's JSONL record:
@@ -48,6 +48,8 @@ class Canaries:
         self._small_r = torch.zeros(1, device=self.device)
         self._big = torch.zeros(n, device=self.device)
         self._big_r = torch.zeros(n, device=self.device)
+        self._ref = torch.ones(96, 96, device=self.device) / 96
+        self._ref_out = torch.empty(96, 96, device=self.device)
         self._pending = None  # (start_event, end_event) of the last dispatch canary on CUDA
         self._dispatch_base = None
 
@@ -58,13 +60,27 @@ class Canaries:
             x = x + 0.0001
             x = torch.relu(x)
 
+    def reference(self) -> float:
+        """Host CPU time of one small matmul (mostly arithmetic, little dispatch), min of 3.
+
+        The doctor divides the dispatch canary and the compute phases by it: other processes
+        or a slower clock slow both alike, a slower dispatch path or a slower rank does not.
+        """
+        best = float("inf")
+        for _ in range(3):
+            c0 = time.process_time()
+            torch.mm(self._ref, self._ref, out=self._ref_out)
+            best = min(best, time.process_time() - c0)
+        return best
+
     def dispatch(self, faults, step) -> dict:
         out = {}
         if self.cuda and self._pending is not None and self._pending[1].query():
             out["dispatch_dev_s"] = self._pending[0].elapsed_time(self._pending[1]) / 1e3
             self._pending = None
-        best = float("inf")
+        best = best_cpu = float("inf")
         for _ in range(3):
+            c0 = time.process_time()
             t0 = time.perf_counter()
             if self.cuda and self._pending is None:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -77,10 +93,14 @@ class Canaries:
             if faults is not None:
                 if self._dispatch_base is None:
                     self._dispatch_base = time.perf_counter() - t0
-                from feixing.diagnose.faults import wait
-                wait(faults.dispatch_extra(step, self._dispatch_base))
+                from feixing.diagnose.faults import spin
+                spin(faults.dispatch_extra(step, self._dispatch_base))
             best = min(best, time.perf_counter() - t0)
+            best_cpu = min(best_cpu, time.process_time() - c0)
         out["dispatch_s"] = best
+        if not self.cuda:  # host CPU time: unaffected by other processes taking the core
+            out["dispatch_cpu_s"] = best_cpu
+            out["ref_cpu_s"] = self.reference()
         return out
 
     def _ring(self, send, recv, delay: float) -> float:
@@ -101,9 +121,9 @@ class Canaries:
         if self.world_size < 2:
             return {}
         delay = faults.link_delay(step) if faults is not None else 0.0
-        # No barrier: the first exchange absorbs the ranks' arrival skew; the minimum of three
-        # exchanges is the link's latency.
-        lat = min(self._ring(self._small, self._small_r, delay) for _ in range(3))
+        # No barrier: the first exchange absorbs the ranks' arrival skew; the minimum of five
+        # exchanges is the link's latency (a descheduled receiver inflates some, a slow link all).
+        lat = min(self._ring(self._small, self._small_r, delay) for _ in range(5))
         bw_t = self._ring(self._big, self._big_r, delay)
         return {"link_from": (self.rank - 1) % self.world_size, "link_lat_s": lat,
                 "link_bw_gbs": self._big.numel() * 4 / max(bw_t, 1e-9) / 1e9}
@@ -130,9 +150,9 @@ class Canaries:
             out["cuda_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
         return out
 
-    def run(self, faults, step) -> dict:
+    def run(self, faults, step, collectives: bool) -> dict:
         rec = self.dispatch(faults, step)
-        if dist.is_available() and dist.is_initialized():
+        if collectives and dist.is_available() and dist.is_initialized():
             rec.update(self.links(faults, step))
             rec.update(self.group_probes())
         rec.update(self.memory())

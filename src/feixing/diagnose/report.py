@@ -62,18 +62,28 @@ def load_run(run_dir: str) -> RunData:
     world = max([m["world_size"] for m in meta] + [max(recs) + 1])
     steps = np.array(sorted({s for d in recs.values() for s in d}), dtype=np.int64)
     col = {s: i for i, s in enumerate(steps)}
-    names = {p for d in recs.values() for r in d.values() for p in r["ph"]} | {"gc", "step"}
+    phases = {p for d in recs.values() for r in d.values() for p in r["ph"]}
+    cpus = {p for d in recs.values() for r in d.values() for p in r.get("cpu", {})}
+    names = phases | {f"cpu_{p}" for p in cpus} | {"gc", "step", "sched"}
     sig = {n: np.full((world, len(steps)), np.nan) for n in names}
     for rank, d in recs.items():
         for s, r in d.items():
             j = col[s]
             sig["step"][rank, j] = r["step_s"]
             sig["gc"][rank, j] = r["gc_s"]
-            for p in names - {"step", "gc"}:
+            sig["sched"][rank, j] = r.get("sched_s", 0.0)
+            for p in phases:
                 sig[p][rank, j] = r["ph"].get(p, 0.0)
-    sig["compute"] = sum(np.nan_to_num(sig[p]) for p in COMPUTE_PHASES if p in sig) \
-        if any(p in sig for p in COMPUTE_PHASES) else np.zeros_like(sig["step"])
-    sig["compute"][np.isnan(sig["step"])] = np.nan
+            for p in cpus:
+                sig[f"cpu_{p}"][rank, j] = r.get("cpu", {}).get(p, 0.0)
+    missing = np.isnan(sig["step"])
+    sig["compute_wall"] = sum(np.nan_to_num(sig[p]) for p in COMPUTE_PHASES if p in sig) + 0 * sig["step"]
+    # Compute is measured where it runs: host CPU time on CPU devices (robust to other processes
+    # taking the core), wall time otherwise.
+    src = [f"cpu_{p}" for p in COMPUTE_PHASES if f"cpu_{p}" in sig] or [p for p in COMPUTE_PHASES if p in sig]
+    sig["compute"] = sum(np.nan_to_num(sig[p]) for p in src) + 0 * sig["step"] if src \
+        else np.zeros_like(sig["step"])
+    sig["compute"][missing] = np.nan
     can_steps = np.array(sorted({s for d in cans.values() for s in d}), dtype=np.int64)
     cc = {s: i for i, s in enumerate(can_steps)}
     keys = {k for d in cans.values() for r in d.values() for k, v in r.items()

@@ -22,8 +22,8 @@ from feixing.diagnose.telemetry import Telemetry
 
 
 def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[dict] | None = None,
-             telemetry: dict | None = None, seed: int = 0, hidden: int = 96, batch: int = 32,
-             data_s: float = 0.001, ckpt_every: int = 50, enabled: bool = True) -> dict:
+             telemetry: dict | None = None, seed: int = 0, hidden: int = 192, batch: int = 128,
+             data_s: float = 0.003, ckpt_every: int = 50, enabled: bool = True) -> dict:
     """Run `steps` training-like steps; returns timing totals (and the telemetry's own cost)."""
     torch.set_num_threads(1)
     cfg = TelemetryConfig(**{"enabled": enabled, **(telemetry or {})})

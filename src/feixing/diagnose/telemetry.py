@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections import deque
-from time import perf_counter
+from time import perf_counter, process_time
 
 import torch
 
@@ -43,18 +43,20 @@ COMPUTE_PHASES = ("forward", "backward", "optimizer")
 class _Phase:
     """Reusable context manager for one phase name (no generator, no allocation per use)."""
 
-    __slots__ = ("tele", "name", "t0", "gc0", "ev")
+    __slots__ = ("tele", "name", "t0", "c0", "gc0", "ev")
 
     def __init__(self, tele: Telemetry, name: str):
         self.tele, self.name, self.ev = tele, name, None
 
     def __enter__(self):
         tele = self.tele
-        self.t0 = perf_counter()
-        if tele._faults is not None:
-            tele._faults.before_phase(self.name, tele._cur_step, tele._history)
-        tele._hb.enter(self.name, tele._cur_step)
         self.gc0 = tele._gc_total
+        if tele._cpu_clock:
+            self.c0 = process_time()
+        self.t0 = perf_counter()
+        if tele._faults is not None:  # inside the timed region: the fault is the phase being slow
+            tele._faults.before_phase(self.name, tele._cur_step, tele._history)
+        tele._hb.enter(self.name, tele._cur_step)  # after the fault: a hung rank never arrives
         if tele._cuda:
             self.ev = torch.cuda.Event(enable_timing=True)
             self.ev.record()
@@ -62,7 +64,11 @@ class _Phase:
 
     def __exit__(self, *exc):
         tele = self.tele
-        dt = perf_counter() - self.t0 - (tele._gc_total - self.gc0)
+        gc_s = tele._gc_total - self.gc0
+        if tele._cpu_clock:
+            cpu = tele._cpu
+            cpu[self.name] = cpu.get(self.name, 0.0) + max(process_time() - self.c0 - gc_s, 0.0)
+        dt = perf_counter() - self.t0 - gc_s
         acc = tele._acc
         acc[self.name] = acc.get(self.name, 0.0) + dt
         tele._hb.exit()
@@ -104,6 +110,12 @@ class Telemetry:
         self._cuda = device_type == "cuda" and torch.cuda.is_available()
         self._phases: dict[str, _Phase] = {}
         self._acc: dict[str, float] = {}
+        # On CPU, compute runs on the host: its process CPU time (unlike wall time) does not grow
+        # when other processes take the core, so the detectors use it for compute phases.
+        self._cpu_clock = device_type == "cpu"
+        self._cpu: dict[str, float] = {}
+        self._sched_fd = _open_schedstat()
+        self._sched0 = _read_sched(self._sched_fd)
         self._events: deque = deque()
         self._dev_pending: dict = {}
         self._history: deque = deque(maxlen=64)  # recent step records, for faults and online windows
@@ -116,7 +128,7 @@ class Telemetry:
         self._hb = Heartbeat()
         self._file = open(os.path.join(self.dir, f"rank-{rank:05d}.jsonl"), "a")
         self.canaries = Canaries(device_type, rank, world_size, self.groups, int(cfg.probe_bytes)) \
-            if cfg.canary_interval > 0 else None
+            if cfg.canary_interval > 0 or cfg.probe_interval > 0 else None
         self.detector = None
         if cfg.online_detect and rank == 0 and world_size > 1:
             from feixing.diagnose.detect import OnlineDetector
@@ -157,19 +169,25 @@ class Telemetry:
         t_in = perf_counter()
         step_s = t_in - self._t_step0
         acc = self._acc
-        rec = {"step": step, "step_s": step_s, "ph": acc, "gc_s": self._gc_total - self._gc_step0,
-               "gc_n": self._gc_n - self._gc_n0, "tele_s": self._tele_s}
+        sched = _read_sched(self._sched_fd)
+        rec = {"step": step, "step_s": step_s, "ph": acc, "cpu": self._cpu,
+               "gc_s": self._gc_total - self._gc_step0, "gc_n": self._gc_n - self._gc_n0,
+               "sched_s": sched - self._sched0, "tele_s": self._tele_s}
+        self._sched0 = sched
         self._gc_step0, self._gc_n0 = self._gc_total, self._gc_n
         self._acc = {}
+        self._cpu = {}
         self._history.append(rec)
         self._buf.append(_line("step", rec))
         if self._cuda:
             self._read_events(step)
         cfg = self.cfg
-        if self.canaries is not None and step % cfg.canary_interval == 0:
+        probe = cfg.probe_interval > 0 and step % cfg.probe_interval == 0
+        due = cfg.canary_interval > 0 and step % cfg.canary_interval == 0
+        if self.canaries is not None and (due or probe):
             t0 = perf_counter()
             self._hb.enter("canary", step)
-            c = self.canaries.run(self._faults, step)
+            c = self.canaries.run(self._faults, step, probe)
             self._hb.exit()
             c["step"], c["cost_s"] = step, perf_counter() - t0
             self._buf.append(json.dumps({"type": "canary", **c}) + "\n")
@@ -238,6 +256,8 @@ class Telemetry:
             self._faults.release.set()
         if not self.enabled:
             return
+        if self._sched_fd is not None:
+            os.close(self._sched_fd)
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
         if self.watchdog is not None:
@@ -253,7 +273,8 @@ def _signal(rec: dict, name: str) -> float:
     if name == "gc":
         return rec["gc_s"]
     if name == "compute":
-        return sum(ph.get(p, 0.0) for p in COMPUTE_PHASES)
+        src = rec.get("cpu") or ph  # CPU time on CPU devices (see Telemetry.__init__)
+        return sum(src.get(p, 0.0) for p in COMPUTE_PHASES)
     return ph.get(name, 0.0)
 
 
@@ -265,8 +286,28 @@ def _median(xs: list[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
+def _open_schedstat():
+    """/proc/self/schedstat (Linux): the main thread's time waiting for a CPU; None elsewhere."""
+    try:
+        return os.open("/proc/self/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _read_sched(fd) -> float:
+    """Seconds the training thread has spent runnable but not running (other processes had the core)."""
+    if fd is None:
+        return 0.0
+    try:
+        return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _line(kind: str, rec: dict) -> str:
     """One JSONL line; floats rounded to 1 us so records stay small."""
     ph = ",".join(f'"{k}":{v:.6f}' for k, v in rec["ph"].items())
+    cpu = ",".join(f'"{k}":{v:.6f}' for k, v in rec.get("cpu", {}).items())
     return (f'{{"type":"{kind}","step":{rec["step"]},"step_s":{rec["step_s"]:.6f},"ph":{{{ph}}},'
-            f'"gc_s":{rec["gc_s"]:.6f},"gc_n":{rec["gc_n"]},"tele_s":{rec["tele_s"]:.6f}}}\n')
+            f'"cpu":{{{cpu}}},"gc_s":{rec["gc_s"]:.6f},"gc_n":{rec["gc_n"]},'
+            f'"sched_s":{rec.get("sched_s", 0.0):.6f},"tele_s":{rec["tele_s"]:.6f}}}\n')

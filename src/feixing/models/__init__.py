@@ -1,4 +1,4 @@
-"""Model construction: `build(cfg, vocab_size)` returns a single-device module on the meta device."""
+"""Model construction: `build(cfg, vocab_size)` returns a meta-device, single-device model."""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ import torch
 from feixing.models.llama.model import KVCache, Llama
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator
+) -> int:
     """One token id from logits (V,): greedy when temperature <= 0, else top-k softmax sampling."""
     if temperature <= 0:
         return int(logits.argmax())
@@ -41,7 +43,9 @@ def generate(
     vocab = model.args.vocab_size
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
+        raise ValueError(
+            f"prompt token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})"
+        )
     param = next(model.parameters())
     was_training = model.training
     model.eval()

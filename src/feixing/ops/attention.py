@@ -19,8 +19,8 @@ memory-efficient kernel with an additive mask; NOT tested by this repository's C
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -138,7 +138,7 @@ def _bwd_cpu_flash(dout, q, k, v, out, lse, scale, mask):
     # Rows with no visible key anywhere (lse = -inf) must contribute nothing: with lse = +inf
     # exp(s - lse) = 0, whereas -inf would give exp(+inf) or NaN inside the kernel.
     lse = torch.where(torch.isinf(lse) & (lse < 0), torch.full_like(lse, float("inf")), lse)
-    t = lambda x: x.transpose(1, 2)  # noqa: E731 - (B,S,H,D) <-> (B,H,S,D)
+    t = lambda x: x.transpose(1, 2)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         t(dout.to(q.dtype)).contiguous(), t(q), t(_expand(k, h)), t(_expand(v, h)),
         t(out.to(q.dtype)).contiguous(), lse.to(torch.float32 if q.dtype != torch.float64
@@ -149,6 +149,16 @@ def _bwd_cpu_flash(dout, q, k, v, out, lse, scale, mask):
 
 
 # ----------------------------------------------------------------------------- CUDA (untested here)
+def _cuda_bias(vis: Tensor, dtype, b: int, h: int) -> Tensor:
+    """Additive bias (B, H, Sq, Sk) whose rows are 16-element aligned, as aten's
+    memory-efficient kernel requires (the same padding `scaled_dot_product_attention` does)."""
+    sq, sk = vis.shape[-2:]
+    pad = (sk + 15) // 16 * 16
+    bias = torch.zeros((vis.shape[0], 1, sq, pad), dtype=dtype, device=vis.device)
+    bias[..., :sk].masked_fill_(~vis.unsqueeze(1), float("-inf"))
+    return bias[..., :sk].expand(b, h, sq, sk)
+
+
 def _fwd_cuda(q, k, v, scale, mask):
     sq, sk, h = q.shape[1], k.shape[1], q.shape[2]
     kind = mask.kind(sq, sk)
@@ -156,20 +166,21 @@ def _fwd_cuda(q, k, v, scale, mask):
         from flash_attn.flash_attn_interface import _flash_attn_forward  # type: ignore
     except ImportError:
         _flash_attn_forward = None
-    if _flash_attn_forward is not None and kind != "dense" and q.dtype in (torch.float16, torch.bfloat16):
-        res = _flash_attn_forward(q, k, v, 0.0, scale, causal=kind == "causal",
-                                  window_size_left=-1, window_size_right=-1, softcap=0.0,
-                                  alibi_slopes=None, return_softmax=False)
-        return res[0], res[1].float()
-    am = None
-    if kind == "dense":
-        vis = mask.dense(sq, sk, q.device)
-        am = _additive(vis, q.dtype).expand(q.shape[0], h, sq, sk)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if _flash_attn_forward is not None and kind != "dense" and half:
+        res = _flash_attn_forward(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, scale,
+                                  causal=kind == "causal", window_size_left=-1,
+                                  window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                                  return_softmax=False)
+        # flash-attn >= 2.6.3 returns (out, lse, S, rng); older ones (out, q, k, v, out_pad, lse, ...)
+        return res[0], (res[1] if len(res) == 4 else res[5]).float()
+    vis = mask.dense(sq, sk, q.device) if kind == "dense" else None
+    bias = None if vis is None else _cuda_bias(vis, q.dtype, q.shape[0], h)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, _expand(k, h), _expand(v, h)))
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        qt, kt, vt, am, True, 0.0, kind == "causal", scale=scale)
-    lse = lse[..., :sq].float()  # the kernel pads lse to a multiple of 32 rows
-    if kind == "dense":
+        qt, kt, vt, bias, True, 0.0, kind == "causal", scale=scale)
+    lse = lse[..., :sq].float()  # some versions pad lse rows to a multiple of 32
+    if vis is not None:
         lse = lse.masked_fill(~vis.any(-1).unsqueeze(1), float("-inf"))
     return out.transpose(1, 2), lse
 
@@ -178,16 +189,17 @@ def _bwd_cuda(dout, q, k, v, out, lse, scale, mask):
     # One honest path: aten's efficient-attention backward accepts an external lse and mask.
     sq, sk, h, hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     kind = mask.kind(sq, sk)
-    am = None
+    bias = None
     if kind == "dense":
-        am = _additive(mask.dense(sq, sk, q.device), q.dtype).expand(q.shape[0], h, sq, sk)
+        bias = _cuda_bias(mask.dense(sq, sk, q.device), q.dtype, q.shape[0], h)
     lse = torch.where(torch.isinf(lse) & (lse < 0), torch.full_like(lse, float("inf")), lse)
-    t = lambda x: x.transpose(1, 2)  # noqa: E731
-    seed = torch.zeros((), dtype=torch.int64)
+    pad = (sq + 31) // 32 * 32 - sq  # give the kernel the padded lse layout its forward makes
+    lse = torch.nn.functional.pad(lse.float(), (0, pad), value=float("inf")).contiguous()
+    t = lambda x: x.transpose(1, 2)  # noqa: E731 - (B,S,H,D) <-> (B,H,S,D)
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        t(dout.to(q.dtype)), t(q), t(_expand(k, h)), t(_expand(v, h)), am, t(out.to(q.dtype)),
-        lse.float().contiguous(), seed, seed, 0.0, [True, True, True, False],
-        kind == "causal", scale=scale)
+        t(dout.to(q.dtype)), t(q), t(_expand(k, h)), t(_expand(v, h)), bias, t(out.to(q.dtype)),
+        lse, seed, seed, 0.0, [True, True, True, False], kind == "causal", scale=scale)
     acc = _acc(q)
     return t(dq).to(acc), _fold(t(dk).to(acc), hkv), _fold(t(dv).to(acc), hkv)
 
@@ -213,7 +225,7 @@ def _fwd_npu(q, k, v, scale, mask):
 def _bwd_npu(dout, q, k, v, out, lse, scale, mask):
     import torch_npu  # type: ignore
 
-    sq, sk, h, hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    sq, sk, h = q.shape[1], k.shape[1], q.shape[2]
     am = None if mask.kind(sq, sk) == "full" else _npu_mask(mask, sq, sk, q.device)
     lse = torch.where(torch.isinf(lse) & (lse < 0), torch.full_like(lse, float("inf")), lse)
     # Passing max = global lse and sum = 1 makes the kernel use exp(s - lse): the global softmax.

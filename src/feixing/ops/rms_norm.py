@@ -9,7 +9,9 @@ from feixing.ops import reference
 BACKENDS = ("auto", "reference")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto"
+) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight in fp32, returned in x.dtype (see reference.rms_norm).
 
     Only the reference exists today; `auto` picks it. A fused kernel joins `BACKENDS` once a test

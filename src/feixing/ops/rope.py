@@ -80,7 +80,9 @@ def inv_freq(
         if not original:
             raise ValueError("dynamic RoPE scaling needs original_max_seq_len or max_seq_len")
         seq_len = max(max_seq_len, original)
-        base = theta * ((s.factor * seq_len / original) - (s.factor - 1)) ** (head_dim / (head_dim - 2))
+        base = theta * ((s.factor * seq_len / original) - (s.factor - 1)) ** (
+            head_dim / (head_dim - 2)
+        )
         return 1.0 / (base**exps), 1.0
     if s.kind == "llama3":
         return _llama3(base_freq, s, original), 1.0
@@ -99,7 +101,9 @@ def _llama3(freq: Tensor, s: RopeScaling, original: int) -> Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _yarn(head_dim: int, theta: float, s: RopeScaling, original: int, max_seq_len: int) -> tuple[Tensor, float]:
+def _yarn(
+    head_dim: int, theta: float, s: RopeScaling, original: int, max_seq_len: int
+) -> tuple[Tensor, float]:
     """YaRN (arXiv 2309.00071): per-dimension blend of interpolation and extrapolation + mscale."""
     factor = s.factor if s.factor is not None else max_seq_len / original
 
@@ -122,7 +126,9 @@ def _yarn(head_dim: int, theta: float, s: RopeScaling, original: int, max_seq_le
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a division by zero, as HF does
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    ramp = (
+        (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)
+    ).clamp(0, 1)
     pos_freqs = theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1 = extrapolate (high frequencies), 0 = interpolate
@@ -142,7 +148,7 @@ def cos_sin(positions: Tensor, freqs: Tensor, scale: float = 1.0) -> tuple[Tenso
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, backend: str = "auto") -> Tensor:
-    """Rotate x (B, S, H, D) by cos/sin (see reference.apply_rope). Only the reference exists today."""
+    """Rotate x (B, S, H, D) by cos/sin (see reference.apply_rope); only the reference exists."""
     if backend not in BACKENDS:
         raise ValueError(f"rope backend {backend!r} is unknown; choose one of {BACKENDS}")
     return reference.apply_rope(x, cos, sin)

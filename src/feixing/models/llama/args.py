@@ -42,10 +42,15 @@ class LlamaArgs:
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if not self.head_dim:
             if self.dim % self.n_heads:
-                raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) or set head_dim")
+                raise ValueError(
+                    f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); "
+                    "or set head_dim"
+                )
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
@@ -59,7 +64,11 @@ class LlamaArgs:
         if self.qkv_bias:
             attn += q + 2 * kv
         layer = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
-        total = self.n_layers * layer + self.dim + (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        total = (
+            self.n_layers * layer
+            + self.dim
+            + (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        )
         return total + (self.vocab_size * self.dim if embedding else 0)
 
     def num_flops_per_token(self, seq_len: int) -> int:
@@ -70,50 +79,142 @@ class LlamaArgs:
         (forward + backward = 3 x 2 matmuls x 2 FLOPs); causal masking would halve it, which
         this convention does not do (same as torchtitan and PaLM's MFU).
         """
-        n = self.num_params(embedding=False) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
+        n = self.num_params(embedding=False) + (
+            self.vocab_size * self.dim if self.tie_embeddings else 0
+        )
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
 def _llama3_scaling(factor: float) -> RopeScaling:
-    return RopeScaling("llama3", factor=factor, original_max_seq_len=8192, low_freq_factor=1.0, high_freq_factor=4.0)
+    return RopeScaling(
+        "llama3",
+        factor=factor,
+        original_max_seq_len=8192,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+    )
 
 
 FLAVORS: dict[str, LlamaArgs] = {
     # 4 heads / 2 KV heads: divisible by Ulysses 2 and 4; ~0.9M params, trains at several
     # steps/s on 4 CPU processes at seq_len 256. vocab is replaced by the tokenizer's.
-    "demo": LlamaArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=384, vocab_size=320,
-                      norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256),
+    "demo": LlamaArgs(
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        ffn_dim=384,
+        vocab_size=320,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_seq_len=256,
+    ),
     # For unit tests: the smallest shape that still exercises GQA (2 query heads per KV head).
-    "tiny": LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=128,
-                      norm_eps=1e-5, rope_theta=10000.0, max_seq_len=128),
+    "tiny": LlamaArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        vocab_size=128,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_seq_len=128,
+    ),
     # meta-llama/Llama-2-7b-hf
-    "llama2-7b": LlamaArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008,
-                           vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
+    "llama2-7b": LlamaArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        ffn_dim=11008,
+        vocab_size=32000,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_seq_len=4096,
+    ),
     # meta-llama/Llama-3.2-1B
-    "1b": LlamaArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192, vocab_size=128256,
-                    norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_llama3_scaling(32.0),
-                    max_seq_len=131072, tie_embeddings=True),
+    "1b": LlamaArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        ffn_dim=8192,
+        vocab_size=128256,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_llama3_scaling(32.0),
+        max_seq_len=131072,
+        tie_embeddings=True,
+    ),
     # meta-llama/Llama-3.1-8B
-    "8b": LlamaArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336, vocab_size=128256,
-                    norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_llama3_scaling(8.0),
-                    max_seq_len=131072),
+    "8b": LlamaArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=14336,
+        vocab_size=128256,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_llama3_scaling(8.0),
+        max_seq_len=131072,
+    ),
     # meta-llama/Llama-3.1-70B
-    "70b": LlamaArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, ffn_dim=28672, vocab_size=128256,
-                     norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_llama3_scaling(8.0),
-                     max_seq_len=131072),
+    "70b": LlamaArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=28672,
+        vocab_size=128256,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_llama3_scaling(8.0),
+        max_seq_len=131072,
+    ),
     # Qwen/Qwen2-0.5B
-    "qwen2-0.5b": LlamaArgs(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, ffn_dim=4864,
-                            vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072,
-                            qkv_bias=True, tie_embeddings=True, family="qwen2"),
+    "qwen2-0.5b": LlamaArgs(
+        dim=896,
+        n_layers=24,
+        n_heads=14,
+        n_kv_heads=2,
+        head_dim=64,
+        ffn_dim=4864,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_seq_len=131072,
+        qkv_bias=True,
+        tie_embeddings=True,
+        family="qwen2",
+    ),
     # Qwen/Qwen2-7B
-    "qwen2-7b": LlamaArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128, ffn_dim=18944,
-                          vocab_size=152064, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072,
-                          qkv_bias=True, family="qwen2"),
+    "qwen2-7b": LlamaArgs(
+        dim=3584,
+        n_layers=28,
+        n_heads=28,
+        n_kv_heads=4,
+        head_dim=128,
+        ffn_dim=18944,
+        vocab_size=152064,
+        norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_seq_len=131072,
+        qkv_bias=True,
+        family="qwen2",
+    ),
 }
 
 
 def get_args(flavor: str, **overrides) -> LlamaArgs:
-    """The named flavor, with fields replaced by `overrides` (e.g. vocab_size from the tokenizer)."""
+    """The named flavor with fields replaced by `overrides` (e.g. the tokenizer's vocab_size)."""
     if flavor not in FLAVORS:
         raise ValueError(f"model.flavor {flavor!r} is unknown; choose one of {sorted(FLAVORS)}")
     return replace(FLAVORS[flavor], **overrides) if overrides else FLAVORS[flavor]

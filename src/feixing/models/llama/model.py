@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from feixing.models.llama.args import LlamaArgs
-from feixing.ops import reference
 from feixing.ops.attention import attention as default_attention
 from feixing.ops.rms_norm import rms_norm
 from feixing.ops.rope import apply_rope, cos_sin, inv_freq
@@ -43,10 +42,10 @@ class KVCache:
         self.length = 0  # tokens already stored; advanced by the model after all layers ran
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store the new k, v (B, s, Hkv, D) of `layer`; return all keys, values and their positions."""
+        """Store new k, v (B, s, Hkv, D) of `layer`; return all keys, values and key positions."""
         end = self.length + k.shape[1]
-        self.k[layer][:, self.length:end] = k
-        self.v[layer][:, self.length:end] = v
+        self.k[layer][:, self.length : end] = k
+        self.v[layer][:, self.length : end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end], self.positions[:, :end]
 
 
@@ -81,12 +80,22 @@ class Attention(nn.Module):
         k = apply_rope(self.wk(x).view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
         if kv_cache is None:
-            out = self.core(q, k, v, causal=True, document_ids=document_ids, window=None, softmax_scale=None)
+            out = self.core(
+                q, k, v, causal=True, document_ids=document_ids, window=None, softmax_scale=None
+            )
         else:
-            # Decoding: new queries against every cached key, masked by true positions. It uses
-            # the reference directly because queries and keys have different lengths here.
+            # Decoding: new queries against every cached key, masked by true positions. Not the
+            # training kernel (queries and keys differ in length here): one fused SDPA call,
+            # checked against the full forward in tests/unit/test_generate.py.
             k, v, k_pos = kv_cache.update(self.layer_id, k, v)
-            out, _ = reference.attention(q, k, v, causal=True, q_index=positions, k_index=k_pos)
+            visible = (k_pos.unsqueeze(1) <= positions.unsqueeze(2)).unsqueeze(1)  # (B, 1, s, T)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=visible,
+                enable_gqa=True,
+            ).transpose(1, 2)
         return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -125,11 +134,15 @@ class Llama(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(args, i) for i in range(args.n_layers)}
+        )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied: the head reads tok_embeddings.weight in forward (no second Parameter object),
         # because module.to_empty() and FSDP2 would silently untie a shared Parameter.
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = (
+            None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        )
         # RoPE frequencies: a plain CPU tensor, not a buffer, so meta-device construction,
         # to_empty() and state dicts never touch it; copied to each device once (cached).
         freqs, scale = inv_freq(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len)
@@ -158,10 +171,14 @@ class Llama(nn.Module):
             positions = torch.arange(start, start + S, device=tokens.device).expand(B, S)
         if kv_cache is not None:
             if document_ids is not None:
-                raise ValueError("document_ids are not supported with a KV cache (decode one document)")
+                raise ValueError(
+                    "document_ids are not supported with a KV cache (decode one document)"
+                )
             if kv_cache.length + S > kv_cache.max_len:
-                raise ValueError(f"KV cache holds {kv_cache.max_len} tokens; {kv_cache.length + S} needed")
-            kv_cache.positions[:, kv_cache.length:kv_cache.length + S] = positions
+                raise ValueError(
+                    f"KV cache holds {kv_cache.max_len} tokens; {kv_cache.length + S} needed"
+                )
+            kv_cache.positions[:, kv_cache.length : kv_cache.length + S] = positions
         cos, sin = self.rope(positions)
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
@@ -172,7 +189,7 @@ class Llama(nn.Module):
         return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
     def num_flops_per_token(self, seq_len: int) -> int:
-        """6N + 12 L H d S, full attention (no causal halving); see LlamaArgs.num_flops_per_token."""
+        """6N + 12 L H d S, full attention (no causal halving); see LlamaArgs."""
         return self.args.num_flops_per_token(seq_len)
 
     @torch.no_grad()
@@ -193,10 +210,18 @@ class Llama(nn.Module):
             sharded = dtensor is not None and isinstance(p, dtensor.DTensor)
             local = p.to_local() if sharded else p
             if local.is_meta:
-                raise RuntimeError("init_weights needs real storage: call model.to_empty(device=...) first")
-            full = _init_full(_WRAPPER_PARTS.sub("", name), tuple(p.shape), seed, self.args.n_layers, local.device)
-            if sharded:  # every rank drew the same full tensor; keep this rank's piece, no communication
-                full = dtensor.distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                raise RuntimeError(
+                    "init_weights needs real storage: call model.to_empty(device=...) first"
+                )
+            full = _init_full(
+                _WRAPPER_PARTS.sub("", name), tuple(p.shape), seed, self.args.n_layers, local.device
+            )
+            if (
+                sharded
+            ):  # every rank drew the same full tensor; keep this rank's piece, no communication
+                full = dtensor.distribute_tensor(
+                    full, p.device_mesh, p.placements, src_data_rank=None
+                )
                 full = full.to_local()
             local.copy_(full)
 

@@ -1,4 +1,4 @@
-"""Under FSDP2 (1-D and HSDP meshes): init_weights, HF load and HF export equal the single-device model."""
+"""FSDP2 (1-D and HSDP meshes): init_weights, HF load and export equal the single-device model."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def _check(rank, world_size, mesh_shape, tie, hf_dir, out_dir):
     export_hf(model.state_dict(), args, f"{out_dir}/rank{rank}")
     # The lead's recipe for starting from a HF folder: full state dict into the sharded model.
     hf_model, _ = load_hf(hf_dir)
-    set_model_state_dict(model, load_hf_state_dict(hf_dir, args), options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(
+        model, load_hf_state_dict(hf_dir, args), options=StateDictOptions(full_state_dict=True)
+    )
     with torch.no_grad():
         hf_diff = (model(TOKENS) - hf_model(TOKENS)).abs().max().item()
     return weight_diff, logit_diff, hf_diff
@@ -62,7 +64,9 @@ def test_sharded_model_equals_single_device(pool4, tmp_path):
         export_hf(other, args, hf_dir)
         ref = Llama(args)
         ref.init_weights(7)
-        for weight_diff, logit_diff, hf_diff in pool4.run(_check, mesh_shape, tie, str(hf_dir), str(out_dir)):
+        for weight_diff, logit_diff, hf_diff in pool4.run(
+            _check, mesh_shape, tie, str(hf_dir), str(out_dir)
+        ):
             assert weight_diff == 0.0  # same generator, same values: bit-identical
             # Same fp32 math on gathered weights; only matmul blocking could differ.
             assert logit_diff < 1e-5 and hf_diff < 1e-5

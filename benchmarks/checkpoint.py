@@ -1,0 +1,293 @@
+"""How much do checkpoints cost the loop? feixing vs DCP async_save vs synchronous dcp.save, one run.
+
+A model of `--params` fp32 parameters with AdamW state (12 bytes per parameter in all) is saved
+every `--interval` steps of a fixed compute loop that stands for training steps (matmuls on the
+state's device). Per method: time the loop is blocked per save, extra step time while a save
+persists (summed over the steps it overlaps, and the worst single step), persist GB/s, host
+memory (RSS of the process and its writer children) per save, and the loop's total overhead.
+`--every-step-saves N` then saves a small state after each of N steps (overhead; is memory flat?).
+
+    PYTHONPATH=src python benchmarks/checkpoint.py --params 50e6 --saves 4 --interval 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from feixing.checkpoint import Manager  # noqa: E402
+from feixing.config.schema import CheckpointConfig  # noqa: E402
+
+
+def build_state(n_params: float, device: str, block: int = 1 << 22):
+    """ParameterList of `block`-sized tensors + AdamW with its state created by one real step."""
+    n = int(n_params)
+    sizes = [block] * (n // block) + ([n % block] if n % block else [])
+    model = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s, device=device) * 0.02)
+                                   for s in sizes)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    for p in model:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    nbytes = sum(p.numel() * 4 * 3 for p in model)
+    return {"model": model, "optim": opt, "loader": {"sample": 0}}, nbytes
+
+
+class Work:
+    """A fixed amount of compute per step (matmuls) on `device`, calibrated to about `ms`."""
+
+    def __init__(self, device: str, ms: float):
+        self.device = device
+        n = 2048 if device == "cuda" else 384
+        self.a = torch.randn(n, n, device=device)
+        self.b = torch.randn(n, n, device=device)
+        self.k = 10
+        self.run()  # warm up (library init, caches)
+        t = self.run() / 10
+        self.k = max(1, int(ms / 1000 / max(t, 1e-6)))
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.k):
+            self.a = torch.tanh(self.a @ self.b * 1e-3)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def rss_gb() -> float:
+    """Memory (PSS) of this process and its children (the feixing writer), in GB."""
+    def rss(pid):  # proportional set size: the shared staging buffer is not counted twice
+        for name, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS")):
+            try:
+                with open(name) as f:
+                    return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key))
+            except (OSError, StopIteration):
+                continue
+        return 0
+    total, me = rss(os.getpid()), os.getpid()
+    try:
+        for tid in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                total += sum(rss(int(c)) for c in f.read().split())
+    except OSError:
+        pass
+    return total / 1e9
+
+
+class Feixing:
+    name = "feixing"
+
+    def __init__(self, root: str, app: dict):
+        self.ck = Manager(CheckpointConfig(interval=1, keep=1, verify_checksums=False),
+                          root, 0, 1)
+
+    def save(self, step: int, app: dict) -> None:
+        self.ck.save(step, app)
+
+    def before_optimizer(self) -> None:
+        self.ck.wait_staging()
+
+    def done(self) -> bool:
+        return not self.ck.busy()
+
+    def close(self) -> list[dict]:
+        self.ck.close()
+        return [{"persist_s": r.get("persist_s", 0) + r.get("commit_s", 0), "stage_s": r.get("stage_s")}
+                for r in self.ck.stats]
+
+
+class Dcp:
+    def __init__(self, root: str, app: dict, asynchronous: bool, process: bool = False):
+        self.root, self.asynchronous, self.process = root, asynchronous, process
+        self.name = "dcp.async_save" + ("(process)" if process else "") if asynchronous else "dcp.save"
+        self.fut, self.records, self.folders = None, [], []
+
+    def save(self, step: int, app: dict) -> None:
+        if self.fut is not None:
+            self.fut.result()  # one save in flight, as torchtitan does
+        msd, osd = get_state_dict(app["model"], [app["optim"]])
+        sd = {"model": msd, "optim": osd, "loader": dict(app["loader"])}
+        folder = os.path.join(self.root, f"step-{step}")
+        rec = {"t0": time.perf_counter()}
+        self.records.append(rec)
+        if not self.asynchronous:
+            dcp.save(sd, checkpoint_id=folder)
+            rec["persist_s"] = time.perf_counter() - rec["t0"]
+        else:
+            kw = {}
+            if self.process:
+                from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+                kw["async_checkpointer_type"] = AsyncCheckpointerType.PROCESS
+            self.fut = dcp.async_save(sd, checkpoint_id=folder, **kw)
+            self.fut.add_done_callback(lambda f: rec.setdefault("persist_s",
+                                                                time.perf_counter() - rec["t0"]))
+        self.folders.append(folder)
+        if len(self.folders) > 2:  # keep disk use bounded like keep=1
+            shutil.rmtree(self.folders.pop(0), ignore_errors=True)
+
+    def before_optimizer(self) -> None:
+        pass
+
+    def done(self) -> bool:
+        return self.fut is None or self.fut.done()
+
+    def close(self) -> list[dict]:
+        if self.fut is not None:
+            self.fut.result()
+        return self.records
+
+
+def run_method(method, app: dict, work: Work, saves: int, interval: int, base: float) -> dict:
+    blocked, extra, worst, rss, steps_overlapped = [], [], [], [], []
+    t_loop = time.perf_counter()
+    step = 0
+    p0 = app["model"][0]
+    for _ in range(saves):
+        t0 = time.perf_counter()
+        method.save(step, app)
+        b = time.perf_counter() - t0
+        overlap, slow, over = 0.0, 0.0, 0
+        for _ in range(interval):
+            dt = work.run()
+            t1 = time.perf_counter()
+            method.before_optimizer()
+            b += time.perf_counter() - t1
+            with torch.no_grad():
+                p0.add_(1e-6)  # the "optimizer" changes a parameter after wait_staging
+            step += 1
+            app["loader"]["sample"] = step
+            if not method.done():
+                over += 1
+                overlap += dt - base
+                slow = max(slow, dt / base - 1)
+            elif over == 0:  # finished during this first step
+                over, overlap, slow = 1, dt - base, max(slow, dt / base - 1)
+        blocked.append(b)
+        extra.append(overlap)
+        worst.append(slow)
+        steps_overlapped.append(over)
+        rss.append(rss_gb())
+    loop_s = time.perf_counter() - t_loop
+    records = method.close()
+    persist = [r["persist_s"] for r in records if r.get("persist_s")]
+    return {"method": method.name, "blocked_s": blocked, "extra_step_s": extra,
+            "worst_step_slowdown": worst, "steps_overlapped": steps_overlapped,
+            "persist_s": persist, "rss_gb": rss,
+            "overhead": loop_s / (saves * interval * base) - 1}
+
+
+def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:
+    later = r["blocked_s"][1:] or r["blocked_s"]
+    persist = statistics.median(r["persist_s"]) if r["persist_s"] else float("nan")
+    return {"method": r["method"], "blocked_first_s": r["blocked_s"][0],
+            "blocked_median_s": statistics.median(later),
+            "blocked_pct_of_step": 100 * statistics.median(later) / base,
+            "lost_pct_of_interval": 100 * statistics.median(r["extra_step_s"]) / (interval * base),
+            "worst_step_slowdown_pct": 100 * max(r["worst_step_slowdown"]),
+            "persist_s": persist, "persist_gbps": nbytes / 1e9 / persist,
+            "rss_first_gb": r["rss_gb"][0], "rss_last_gb": r["rss_gb"][-1],
+            "loop_overhead_pct": 100 * r["overhead"]}
+
+
+def init_pg(device: str) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=50e6)
+    ap.add_argument("--saves", type=int, default=4)
+    ap.add_argument("--interval", type=int, default=6, help="steps between saves")
+    ap.add_argument("--step-ms", type=float, default=0, help="0: 300 on CPU, 100 on CUDA")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--methods", default="feixing,dcp_async,dcp_sync")
+    ap.add_argument("--every-step-saves", type=int, default=0,
+                    help="then save a small state after every step this many times")
+    ap.add_argument("--every-step-params", type=float, default=2e6)
+    ap.add_argument("--dir", default="/tmp/feixing-ckpt-bench")
+    ap.add_argument("--out", default="benchmarks/results/checkpoint.json")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    init_pg(device)
+    shutil.rmtree(a.dir, ignore_errors=True)
+    app, nbytes = build_state(a.params, device)
+    work = Work(device, a.step_ms or (100 if device == "cuda" else 300))
+    for _ in range(2):
+        work.run()
+    base = statistics.median(work.run() for _ in range(8))
+    makers = {"feixing": lambda d: Feixing(d, app), "dcp_async": lambda d: Dcp(d, app, True),
+              "dcp_async_process": lambda d: Dcp(d, app, True, process=True),
+              "dcp_sync": lambda d: Dcp(d, app, False)}
+    results, table = [], []
+    for m in a.methods.split(","):
+        folder = os.path.join(a.dir, m)
+        try:
+            r = run_method(makers[m](folder), app, work, a.saves, a.interval, base)
+        except Exception as e:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
+            results.append({"method": m, "error": f"{type(e).__name__}: {e}"})
+            print(f"{m}: failed: {e}", file=sys.stderr)
+            continue
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        results.append(r)
+        table.append(summarize(r, nbytes, base, a.interval))
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in table[-1].items()},
+              flush=True)
+    every = []
+    if a.every_step_saves:  # a small state saved after every step: overhead and memory over time
+        small, small_bytes = build_state(a.every_step_params, device)
+        for m in a.methods.split(","):
+            if m == "dcp_sync":
+                continue
+            folder = os.path.join(a.dir, "every-" + m)
+            r = run_method(makers[m](folder), small, work, a.every_step_saves, 1, base)
+            shutil.rmtree(folder, ignore_errors=True)
+            row = summarize(r, small_bytes, base, 1)
+            row["rss_max_gb"] = max(r["rss_gb"])
+            row["rss_at_10_gb"] = r["rss_gb"][min(9, len(r["rss_gb"]) - 1)]
+            every.append(row)
+    cols = ["method", "blocked_first_s", "blocked_median_s", "blocked_pct_of_step",
+            "lost_pct_of_interval", "worst_step_slowdown_pct", "persist_s", "persist_gbps",
+            "rss_first_gb", "rss_last_gb", "loop_overhead_pct"]
+    print(f"device {device}, state {nbytes / 1e9:.2f} GB ({a.params / 1e6:.0f}M params + AdamW), "
+          f"step {base * 1000:.0f} ms, save every {a.interval} steps, {a.saves} saves")
+    print(" | ".join(cols))
+    for row in table:
+        print(" | ".join(row["method"] if c == "method" else f"{row[c]:.3f}" for c in cols))
+    if every:
+        print(f"\nsaving after every step, {a.every_step_saves} saves of "
+              f"{a.every_step_params / 1e6:.0f}M params + AdamW:")
+        cols2 = cols + ["rss_at_10_gb", "rss_max_gb"]
+        print(" | ".join(cols2))
+        for row in every:
+            print(" | ".join(row["method"] if c == "method" else f"{row[c]:.3f}" for c in cols2))
+    out = {"device": device, "torch": torch.__version__, "state_gb": nbytes / 1e9,
+           "params": a.params, "step_s": base, "interval": a.interval, "saves": a.saves,
+           "summary": table, "raw": results, "every_step": every, "argv": sys.argv[1:]}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

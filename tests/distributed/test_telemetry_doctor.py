@@ -1,0 +1,34 @@
+"""End to end on 4 gloo ranks: a training-like loop with Telemetry; the doctor names a slow rank, stays quiet on a clean run, names a hung rank."""
+
+import json
+
+from feixing.diagnose.report import diagnose_run, doctor_main
+from feixing.diagnose.sim import run_loop
+
+TELE = {"canary_interval": 10, "probe_interval": 20, "detect_interval": 20, "hang_timeout_s": 1.0}
+
+
+def _loop(rank, world_size, run_dir, steps, faults, seed):
+    return run_loop(rank, world_size, run_dir, steps, faults, TELE, seed, ckpt_every=20)
+
+
+def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
+    # rank 2 spends an extra 50% of a step computing from step 30
+    slow = str(tmp_path / "slow")
+    pool4.run(_loop, slow, 80, [{"kind": "slow_rank", "ranks": [2], "start_step": 30, "magnitude": 0.5}], 0)
+    assert doctor_main(slow, json=True) == 1
+    findings = json.loads(capsys.readouterr().out)["findings"]
+    stragglers = [f for f in findings if f["kind"] == "straggler"]
+    assert [(f["layer"], f["ranks"]) for f in stragglers] == [("compute", [2])]
+    assert 25 <= stragglers[0]["first_step"] <= 40 and stragglers[0]["detected_step"] <= 50
+
+    clean = str(tmp_path / "clean")
+    pool4.run(_loop, clean, 80, [], 1)
+    assert not [f for f in diagnose_run(clean) if f.kind in ("straggler", "drift", "hang")]
+
+    # rank 1 stops before backward at step 10 for 3 s; the others wait in the gradient all_reduce
+    hang = str(tmp_path / "hang")
+    pool4.run(_loop, hang, 15, [{"kind": "hang", "ranks": [1], "start_step": 10, "magnitude": 3.0}], 2)
+    h = [f for f in diagnose_run(hang) if f.kind == "hang"]
+    assert len(h) == 1 and h[0].ranks == [1] and h[0].first_step == 10, h
+    assert "rank 1 did not arrive" in h[0].summary

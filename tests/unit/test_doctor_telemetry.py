@@ -1,0 +1,106 @@
+"""Telemetry in one process: records, GC accounting, canaries, faults, the hang watchdog, doctor output."""
+
+import gc
+import json
+import logging
+import os
+import time
+
+import pytest
+
+from feixing.config.schema import FaultConfig, TelemetryConfig
+from feixing.diagnose import Telemetry
+from feixing.diagnose.faults import FaultInjector, check_faults
+from feixing.diagnose.report import doctor_main, hang_findings, load_run
+from feixing.diagnose.watchdog import Heartbeat, Watchdog, laggards
+from tests.unit.test_doctor_detect import write_run
+
+CFG = dict(canary_interval=5, probe_interval=0, online_detect=False, hang_timeout_s=0)
+
+
+def test_records_phases_gc_and_canaries(tmp_path):
+    tele = Telemetry(TelemetryConfig(**CFG), run_dir=str(tmp_path))
+    for step in range(1, 11):
+        with tele.phase("data"):
+            time.sleep(0.001)
+        with tele.phase("forward"):
+            if step == 3:
+                junk = [[i] for i in range(100_000)]  # a real GC pause inside forward
+                gc.collect()
+                del junk
+        tele.end_step(step)
+    tele.close()
+    data = load_run(str(tmp_path))
+    assert data.steps.tolist() == list(range(1, 11)) and data.can_steps.tolist() == [5, 10]
+    gc3 = data.sig["gc"][0, 2]
+    assert gc3 > 0.001 and data.sig["gc"][0, 0] == 0.0  # 100k objects take well over 1 ms to traverse
+    assert data.sig["forward"][0, 2] < gc3  # the pause is reported as gc, not as forward
+    assert data.sig["data"][0, 0] >= 0.001 and "cpu_forward" in data.sig
+    assert data.can["dispatch_s"][0, 0] > 0 and data.can["rss_mb"][0, 0] > 10
+    assert not tele._buf and not gc.callbacks.count(tele._on_gc)
+
+
+def test_disabled_telemetry_writes_nothing(tmp_path):
+    tele = Telemetry(TelemetryConfig(enabled=False), run_dir=str(tmp_path))
+    with tele.phase("forward"):
+        pass
+    tele.end_step(1)
+    tele.close()
+    assert not os.path.exists(tmp_path / "telemetry")
+
+
+def test_slow_data_fault_is_applied_and_logged(tmp_path, caplog):
+    faults = [FaultConfig(kind="slow_data", ranks=[0], start_step=11, magnitude=1.0)]
+    with caplog.at_level(logging.WARNING, logger="feixing.diagnose"):
+        tele = Telemetry(TelemetryConfig(**CFG), faults=faults, run_dir=str(tmp_path))
+        for step in range(1, 21):
+            with tele.phase("data"):
+                time.sleep(0.002)
+            tele.end_step(step)
+        tele.close()
+    assert "FAULT INJECTION ON" in caplog.text and "FAULT ACTIVE: slow_data on rank 0 from step 11" in caplog.text
+    d = load_run(str(tmp_path)).sig["data"][0]
+    # +1.0 x the recent step time (~2 ms): data at least 1.7x its pre-fault median (sleep jitter)
+    assert sorted(d[11:])[4] > 1.7 * sorted(d[:10])[5]
+
+
+def test_fault_config_errors_name_the_entry():
+    with pytest.raises(ValueError, match=r"faults\[0\].kind = 'slow' is unknown"):
+        check_faults([FaultConfig(kind="slow")])
+    assert FaultInjector([FaultConfig(kind="slow_rank", ranks=[1])], 0, 4).faults == []
+
+
+def test_watchdog_names_the_rank_that_did_not_arrive(tmp_path):
+    hb = Heartbeat()
+    for phase in ("data", "forward", "backward"):
+        hb.enter(phase, 7)
+        hb.exit()
+    hb.enter("comm", 7)  # rank 0 waits in a collective
+    late = {"seq": 3, "step": 7, "phase": "backward", "open": False, "t_enter": time.time(),
+            "recent": [[3, 7, "backward", 0.0]]}
+    os.makedirs(tmp_path / "heartbeat")
+    (tmp_path / "heartbeat" / "rank-00001.json").write_text(json.dumps(late))
+    wd = Watchdog(hb, str(tmp_path), rank=0, world_size=2, timeout_s=0.2)
+    deadline = time.time() + 5
+    while not wd.reports and time.time() < deadline:
+        time.sleep(0.05)
+    wd.close()
+    assert wd.reports and wd.reports[0]["behind"] == [1]
+    rep = json.loads((tmp_path / "hang-rank-00000.json").read_text())
+    f = hang_findings([rep])[0]
+    assert (f.kind, f.ranks, f.first_step) == ("hang", [1], 7) and "rank 1 did not arrive at 'comm'" in f.summary
+    assert laggards({0: {"seq": 5}, 1: {"seq": 5}}, 3) == ([], [2])
+
+
+def test_doctor_main_json_and_html(tmp_path, capsys):
+    d = write_run(str(tmp_path / "run"), extra=lambda r, s: {"forward": 0.004} if r == 3 and s >= 100 else {})
+    assert doctor_main(d, json=True, html=str(tmp_path / "out.html")) == 1
+    out = json.loads(capsys.readouterr().out)
+    f = out["findings"][0]
+    assert (f["kind"], f["layer"], f["ranks"]) == ("straggler", "compute", [3])
+    assert set(f) >= {"kind", "layer", "ranks", "first_step", "magnitude", "summary"}
+    page = (tmp_path / "out.html").read_text()
+    assert page.count("<svg") >= 4 and "<script" not in page and "rank 3 computes" in page
+    assert doctor_main(write_run(str(tmp_path / "clean")), json=False) == 0
+    assert capsys.readouterr().out.startswith("Verdict: no straggler")
+    assert doctor_main(str(tmp_path / "none")) == 2
