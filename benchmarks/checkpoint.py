@@ -26,8 +26,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from feixing.checkpoint import Manager  # noqa: E402
-from feixing.config.schema import CheckpointConfig  # noqa: E402
+from feixing.checkpoint import Manager
+from feixing.config.schema import CheckpointConfig
 
 
 def build_state(n_params: float, device: str, block: int = 1 << 22):
@@ -91,8 +91,13 @@ class Feixing:
     name = "feixing"
 
     def __init__(self, root: str, app: dict):
-        self.ck = Manager(CheckpointConfig(interval=1, keep=1, verify_checksums=False),
+        # interval: never by itself; saves are forced below. maybe_save() after each step lets
+        # the manager allocate its buffer ahead of the first save, as in the trainer.
+        self.ck = Manager(CheckpointConfig(interval=10**9, keep=1, verify_checksums=False),
                           root, 0, 1)
+
+    def after_step(self, step: int, app: dict) -> None:
+        self.ck.maybe_save(step, app)
 
     def save(self, step: int, app: dict) -> None:
         self.ck.save(step, app)
@@ -141,6 +146,9 @@ class Dcp:
     def before_optimizer(self) -> None:
         pass
 
+    def after_step(self, step: int, app: dict) -> None:
+        pass
+
     def done(self) -> bool:
         return self.fut is None or self.fut.done()
 
@@ -150,16 +158,22 @@ class Dcp:
         return self.records
 
 
-def run_method(method, app: dict, work: Work, saves: int, interval: int, base: float) -> dict:
-    blocked, extra, worst, rss, steps_overlapped = [], [], [], [], []
-    t_loop = time.perf_counter()
+def run_method(method, app: dict, work: Work, saves: int, interval: int, base: float,
+               warmup: int = 0) -> dict:
+    blocked, extra, worst, rss, steps_overlapped, worst_at = [], [], [], [], [], []
     step = 0
     p0 = app["model"][0]
+    for _ in range(warmup):  # training before the first save, as in a real run
+        work.run()
+        method.after_step(step, app)
+        step += 1
+    t_loop = time.perf_counter()
+    measuring = 0.0
     for _ in range(saves):
         t0 = time.perf_counter()
         method.save(step, app)
         b = time.perf_counter() - t0
-        overlap, slow, over = 0.0, 0.0, 0
+        overlap, slow, over, slow_at = 0.0, 0.0, 0, 0
         for _ in range(interval):
             dt = work.run()
             t1 = time.perf_counter()
@@ -167,24 +181,27 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
             b += time.perf_counter() - t1
             with torch.no_grad():
                 p0.add_(1e-6)  # the "optimizer" changes a parameter after wait_staging
+            method.after_step(step, app)
             step += 1
             app["loader"]["sample"] = step
-            if not method.done():
+            if not method.done() or over == 0:  # persisting (or done within the first step)
                 over += 1
                 overlap += dt - base
-                slow = max(slow, dt / base - 1)
-            elif over == 0:  # finished during this first step
-                over, overlap, slow = 1, dt - base, max(slow, dt / base - 1)
+                if dt / base - 1 > slow:
+                    slow, slow_at = dt / base - 1, over
+        worst_at.append(slow_at)
         blocked.append(b)
         extra.append(overlap)
         worst.append(slow)
         steps_overlapped.append(over)
+        t2 = time.perf_counter()
         rss.append(rss_gb())
-    loop_s = time.perf_counter() - t_loop
+        measuring += time.perf_counter() - t2  # reading /proc is the benchmark's, not the save's
+    loop_s = time.perf_counter() - t_loop - measuring
     records = method.close()
     persist = [r["persist_s"] for r in records if r.get("persist_s")]
     return {"method": method.name, "blocked_s": blocked, "extra_step_s": extra,
-            "worst_step_slowdown": worst, "steps_overlapped": steps_overlapped,
+            "worst_step_slowdown": worst, "worst_step_index": worst_at, "steps_overlapped": steps_overlapped,
             "persist_s": persist, "rss_gb": rss,
             "overhead": loop_s / (saves * interval * base) - 1}
 
@@ -216,6 +233,7 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=50e6)
     ap.add_argument("--saves", type=int, default=4)
     ap.add_argument("--interval", type=int, default=6, help="steps between saves")
+    ap.add_argument("--warmup", type=int, default=5, help="steps before the first save")
     ap.add_argument("--step-ms", type=float, default=0, help="0: 300 on CPU, 100 on CUDA")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--methods", default="feixing,dcp_async,dcp_sync")
@@ -241,7 +259,7 @@ def main() -> None:
     for m in a.methods.split(","):
         folder = os.path.join(a.dir, m)
         try:
-            r = run_method(makers[m](folder), app, work, a.saves, a.interval, base)
+            r = run_method(makers[m](folder), app, work, a.saves, a.interval, base, a.warmup)
         except Exception as e:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
             results.append({"method": m, "error": f"{type(e).__name__}: {e}"})
             print(f"{m}: failed: {e}", file=sys.stderr)

@@ -49,7 +49,7 @@ def grid(seeds: int, quick: bool) -> list[dict]:
     onsets = [40, 100] if not quick else [40]
     spec = {  # kind: (magnitudes, steps after onset)
         "slow_rank": ([0.1, 0.2], 60), "slow_data": ([0.1, 0.2], 60), "gc_storm": ([0.1, 0.3], 60),
-        "checkpoint_stall": ([2.0, 5.0], 60), "slow_link": ([0.1, 0.3], 150),
+        "checkpoint_stall": ([2.0, 5.0], 60), "slow_link": ([0.1, 0.3], 200),
         "dispatch_ramp": ([0.005, 0.01], None), "hang": ([4.0], 20)}
     runs = []
     for kind, (mags, after) in spec.items():

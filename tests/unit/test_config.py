@@ -108,6 +108,7 @@ def test_valid_demo_config_has_no_problems(tmp_path):
     (["checkpoint.on_error=panic"], 4, "continue, stop"),
     (["model.flavor=gpt5"], 4, "model.flavor = 'gpt5'"),
     (["model.vocab_size=-1"], 4, "model.vocab_size"),
+    (["model.hf_checkpoint=/no/such/folder"], 4, "model.hf_checkpoint"),
     (["data.tokenizer=/no/such/tokenizer.json"], 4, "no such file"),
 ])
 def test_each_problem_is_reported_with_its_key(tmp_path, overrides, nproc, expected):

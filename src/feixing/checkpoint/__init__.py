@@ -7,7 +7,7 @@ only the standard library, never torch.
 
 from __future__ import annotations
 
-__all__ = ["Manager", "CheckpointError", "CheckpointInvalid", "export_hf"]
+__all__ = ["CheckpointError", "CheckpointInvalid", "Manager", "export_hf"]
 
 
 def __getattr__(name: str):

@@ -174,6 +174,8 @@ class Manager:
     def maybe_save(self, step: int, app_state: dict, force: bool = False) -> bool:
         """After optimizer step `step`: save if `step % interval == 0` (or `force`)."""
         if not force and (self.cfg.interval == 0 or step % self.cfg.interval != 0):
+            if self.stager is None and self.cfg.interval > 0:
+                self._preallocate(app_state)
             self._poll(block=False)
             return False
         t0 = time.perf_counter()
@@ -182,13 +184,17 @@ class Manager:
         if waited > 0.05:
             log.warning("checkpoint at step %d waited %.2f s for the previous save to persist; "
                         "checkpoint.interval is shorter than a save takes", step, waited)
+        _, okey, _ = self._split(app_state)
+        if okey is not None and not app_state[okey].state:
+            # get_state_dict would create AdamW state with a fake step, changing later updates.
+            log.warning("checkpoint at step %d skipped: the optimizer has not stepped yet", step)
+            return False
         try:
             index, sources = self._capture(app_state, step)
-        except Exception as e:  # noqa: BLE001 - unsupported state is a user error: always raise
+        except Exception as e:
             raise C.CheckpointError(f"checkpoint at step {step}: {e}") from e
         if self.stager is None:
-            dev = next((t.device.type for t in sources.values() if t.device.type != "cpu"), "cpu")
-            self.stager = Stager(dev)
+            self.stager = Stager(self._device_type(sources))
         record = {"step": step, "bytes": sum(t.numel() * t.element_size() for t in sources.values())}
         self.stats.append(record)
         self._inflight = {"step": step, "t0": time.perf_counter()}
@@ -216,6 +222,24 @@ class Manager:
             self._poll(block=True)
             record["blocked_s"] = time.perf_counter() - t0
         return True
+
+    @staticmethod
+    def _device_type(sources: dict) -> str:
+        return next((t.device.type for t in sources.values() if t.device.type != "cpu"), "cpu")
+
+    def _preallocate(self, app_state: dict) -> None:
+        """Size, allocate, pin the staging buffer and start the writer in the background, so the
+        first save does not pay for them (called at the first non-saving step and after resume)."""
+        _, okey, _ = self._split(app_state)
+        if okey is not None and not app_state[okey].state:
+            return  # sizes unknown until the optimizer's first step creates its state
+        try:
+            _, sources = self._capture(app_state, 0)
+        except Exception:  # noqa: BLE001 - the first real save reports it
+            return
+        self.stager = Stager(self._device_type(sources))
+        self.stager.prepare_async([(k, t.dtype, tuple(t.shape)) for k, t in sources.items()],
+                                  then=self._ensure_writer)
 
     def save(self, step: int, app_state: dict) -> bool:
         """Save now regardless of the interval (e.g. the last step)."""
@@ -287,12 +311,12 @@ class Manager:
         try:
             self.flush()
         finally:
+            if self.stager is not None:
+                self.stager.close()  # joins a preallocation that may still start the writer
+                self.stager = None
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
-            if self.stager is not None:
-                self.stager.close()
-                self.stager = None
 
     # ---- resuming ----------------------------------------------------------------------------
 
@@ -314,6 +338,8 @@ class Manager:
                 if failures and self.rank == 0:
                     log.warning("resumed from %s after skipping invalid newer checkpoint(s): %s",
                                 folder, "; ".join(failures))
+                if self.stager is None and self.cfg.interval > 0:
+                    self._preallocate(app_state)
                 return step
             why = reason or "verification failed on another rank"
             failures.append(f"{os.path.basename(folder)} ({why})")

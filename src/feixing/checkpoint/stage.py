@@ -165,9 +165,25 @@ class Stager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stream = None
+        self._alloc: threading.Thread | None = None
+
+    def prepare_async(self, items, then=None) -> None:
+        """Allocate (and page in, and pin) the buffer in a thread, ahead of the first save."""
+        def work():
+            try:
+                self.prepare(items)
+                if then is not None:
+                    then()
+            except BaseException as e:  # noqa: BLE001 - the first save allocates again and reports
+                log.warning("checkpoint buffer preallocation failed: %s", e)
+        self._alloc = threading.Thread(target=work, daemon=True, name="feixing-ckpt-alloc")
+        self._alloc.start()
 
     def prepare(self, items: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bool:
         """Make the buffer fit `items`; returns True when it was (re)allocated."""
+        alloc, self._alloc = self._alloc, None
+        if alloc is not None and alloc is not threading.current_thread():
+            alloc.join()
         layout = Layout(items)
         if self.layout is not None and layout.signature == self.layout.signature:
             return False
@@ -240,6 +256,9 @@ class Stager:
 
     def close(self) -> None:
         self.wait()
+        if self._alloc is not None:
+            self._alloc.join()
+            self._alloc = None
         if self.buffer is not None:
             self.buffer.close()
             self.buffer = None

@@ -12,7 +12,7 @@ with per-step data would have alarmed. `first_step` is the estimated onset.
   it is an event (spike), not a straggler.
 - slow link: the ring probe's receive latency per link vs the median link, persistent over
   LINK_PERSIST canaries; names both ends.
-- drift: one-sided CUSUM of block low-quantiles (q25 over DRIFT_BLOCK steps; interference only
+- drift: one-sided CUSUM of block low quantiles (q10 over DRIFT_BLOCK steps; interference only
   adds time, so a low quantile is steadier than a mean) against a baseline taken after warm-up,
   for every phase and canary, for all ranks pooled and for each rank alone.
 - spike: a step over SPIKE_RATIO x the rolling median step, attributed to the phase whose
@@ -40,6 +40,7 @@ STRAGGLER_MIN_REL = 0.10   # ... and as a fraction of the peers' time in that la
 LINK_PERSIST = 3           # consecutive probes with a slow link (a descheduled receiver lasts one)
 LINK_MIN_FRAC = 0.02       # link excess (s) as a fraction of a step
 DRIFT_BLOCK = 25           # steps per drift block
+DRIFT_QUANTILE = 10        # the block's lower envelope: other processes only ever add time
 DRIFT_WARMUP = 10          # steps skipped before the baseline
 DRIFT_BASE_BLOCKS = 4      # blocks (or canaries) in the baseline
 DRIFT_MIN = 0.01           # smallest relative drift we report (1%)
@@ -171,33 +172,40 @@ def find_slow_links(can_steps: np.ndarray, lat: np.ndarray, link_from: list[int]
     return out
 
 
-def cusum(z: np.ndarray, k: float, h: float) -> tuple[int | None, int]:
-    """One-sided CUSUM over z (relative deviations); (alarm index or None, index where it last rose from 0)."""
+def cusum(z: np.ndarray, k: float, h: float, cap: float = np.inf, confirm: int = 1,
+          level: float = -np.inf) -> tuple[int | None, int]:
+    """One-sided CUSUM over z (relative deviations); (alarm index or None, index where it last rose from 0).
+
+    Each point adds at most `cap` (one burst of interference cannot carry a drift alone), and
+    the alarm also needs the median of the last `confirm` points to be at least `level` (the
+    shift is still there).
+    """
     s, start = 0.0, 0
     for i, v in enumerate(z):
         if not np.isfinite(v):
             continue
         if s == 0.0:
             start = i
-        s = max(0.0, s + v - k)
-        if s > h:
+        s = max(0.0, s + min(v, cap) - k)
+        if s > h and (confirm <= 1 or np.nanmedian(z[max(i - confirm + 1, 0): i + 1]) >= level):
             return i, start
     return None, start
 
 
 def drift_series(values: np.ndarray, steps: np.ndarray, block: int):
-    """Block q25 over (ranks x block steps); returns (block values, last step of each block, n per block)."""
+    """Block q10 over (ranks x block steps); returns (block values, last step of each block, n per block)."""
     n = values.shape[-1] // block
     if n == 0:
         return np.empty(0), np.empty(0), 0
     v = values[..., : n * block].reshape(*values.shape[:-1], n, block)
     v = np.moveaxis(v, -2, 0).reshape(n, -1)
     with np.errstate(all="ignore"):
-        q = np.nanpercentile(v, 25, axis=1)
+        q = np.nanpercentile(v, DRIFT_QUANTILE, axis=1)
     return q, steps[block - 1: n * block: block], v.shape[1]
 
 
-def drift_test(x: np.ndarray, norm: float | None = None, step_sigma: float = 0.0, per_block: int = 1):
+def drift_test(x: np.ndarray, norm: float | None = None, step_sigma: float = 0.0, per_block: int = 1,
+               confirm: int = 4):
     """CUSUM of x against its first DRIFT_BASE_BLOCKS points; (alarm, start, z, sigma) or None.
 
     sigma (per block, relative) is the largest of: the spread of the baseline blocks, the
@@ -215,7 +223,8 @@ def drift_test(x: np.ndarray, norm: float | None = None, step_sigma: float = 0.0
                 DRIFT_SIGMA_FLOOR)
     k = max(DRIFT_K_SIGMA * sigma, DRIFT_MIN / 2)
     h = max(DRIFT_H_SIGMA * sigma, 8 * DRIFT_MIN)
-    alarm, start = cusum(z[DRIFT_BASE_BLOCKS:], k, h)
+    alarm, start = cusum(z[DRIFT_BASE_BLOCKS:], k, h, cap=max(3 * sigma, 3 * DRIFT_MIN),
+                         confirm=confirm, level=max(DRIFT_MIN, 2 * sigma))
     if alarm is None:
         return None
     return alarm + DRIFT_BASE_BLOCKS, start + DRIFT_BASE_BLOCKS, z, sigma

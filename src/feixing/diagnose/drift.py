@@ -1,9 +1,10 @@
 """Drift and spike detection over a whole run, and the rules that merge all findings into a verdict.
 
 Drift: for every phase (per step) and every canary, for all ranks pooled and each rank alone,
-a CUSUM against an early baseline (detect.drift_test). On CPU, compute phases and the dispatch
-canary are divided by a reference canary (one small matmul) first, so a host that got slower
-at everything (other processes, a lower clock) is not reported as a compute or dispatch drift. Phases that belong to one layer are
+a CUSUM against an early baseline (detect.drift_test), on low quantiles: phases as the q10 of
+each block of steps, canaries as the rolling minimum of the last CANARY_FLOOR canaries (over
+ranks, for "every rank"). Interference from other processes only adds time, so the lower
+envelope moves when the work itself got slower, not when a neighbour got busy. Phases that belong to one layer are
 merged into one finding per (scope, layer). A compute drift is labelled `dispatch` when the
 dispatch canary (a fixed sequence of tiny operators, which no model change affects) rose by
 at least half as much: on CPU, host dispatch and compute cannot be told apart otherwise.
@@ -21,9 +22,9 @@ from feixing.diagnose.detect import (DRIFT_BASE_BLOCKS, DRIFT_BLOCK, DRIFT_MIN, 
                                      rolling)
 
 DRIFT_PHASES = ("data", "forward", "backward", "optimizer", "gc", "comm")
-# signal -> smallest growth worth a finding; on CPU, dispatch_s is replaced by dispatch_ratio
-# (dispatch canary CPU time / reference matmul CPU time, see probes.Canaries.reference)
-CANARY_DRIFT = {"dispatch_s": DRIFT_MIN, "rss_mb": 0.10}  # signal -> smallest growth worth a finding
+# signal -> smallest growth worth a finding; on CPU the dispatch canary's CPU time replaces its wall time
+CANARY_DRIFT = {"dispatch_s": DRIFT_MIN, "rss_mb": 0.10}
+CANARY_FLOOR = 4  # canaries in the rolling minimum a canary drift is tested on  # signal -> smallest growth worth a finding
 _WHAT = {"data": "waiting for data", "compute": "compute time", "dispatch": "host dispatch latency",
          "gc": "GC pause time", "communication": "exposed communication wait", "memory": "resident memory"}
 
@@ -38,9 +39,6 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
     step_base = float(np.nanmedian(sig["step"][:, warm:warm + DRIFT_BASE_BLOCKS * DRIFT_BLOCK])) \
         if steps_w.size else 0.0
     n_ranks = sig["step"].shape[0]
-    ref = can.get("ref_cpu_s")
-    if ref is not None and "dispatch_cpu_s" in can:
-        can = {**can, "dispatch_ratio": can["dispatch_cpu_s"] / ref}
     raw = []  # (scope, layer, signal, first_step, detected_step, final_z)
     for name in DRIFT_PHASES:
         if name not in sig:
@@ -53,8 +51,6 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
             q, bsteps, per = drift_series(vals, steps_w, DRIFT_BLOCK)
             if q.size == 0:
                 continue
-            if ref is not None and name in ("forward", "backward", "optimizer"):
-                q = q / _host_speed(bsteps, can_steps, ref, scope)
             b = vals[:, :DRIFT_BASE_BLOCKS * DRIFT_BLOCK]
             bm = np.nanmedian(b)
             step_sigma = _robust_sigma((b - bm).ravel()) / max(bm, 0.1 * step_base) if bm > 0 else 0.0
@@ -62,24 +58,25 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
             if res is not None:
                 alarm, start, z, _ = res
                 final = float(np.nanmedian(z[-3:]))
-                if final >= DRIFT_MIN:  # a drift that has since gone away is not reported
+                if final >= DRIFT_MIN:  # offline, a slowdown that went away again is not a drift
                     raw.append((scope, LAYER_OF[name], name, int(bsteps[start] - DRIFT_BLOCK + 1),
                                 int(bsteps[alarm]), final))
     can_final = {}
     for name, floor in CANARY_DRIFT.items():
-        if name == "dispatch_s" and "dispatch_ratio" in can:
-            name = "dispatch_ratio"
+        if name == "dispatch_s" and "dispatch_cpu_s" in can:
+            name = "dispatch_cpu_s"
         if name not in can or can[name].size == 0:
             continue
         m = can[name]
         keep = can_steps >= steps[0] + DRIFT_WARMUP if steps.size else np.ones(len(can_steps), bool)
         m, cs = m[:, keep], can_steps[keep]
         for scope in ["all"] + list(range(n_ranks)):
-            series = np.nanmedian(m, axis=0) if scope == "all" else m[scope]
+            series = np.nanmin(m, axis=0) if scope == "all" else m[scope]
+            series = _floor(series, CANARY_FLOOR)
             if series.size > DRIFT_BASE_BLOCKS:
                 base = np.nanmedian(series[:DRIFT_BASE_BLOCKS])
                 can_final[(scope, name)] = float(np.nanmedian(series[-3:]) / base - 1) if base > 0 else 0.0
-            res = drift_test(series)
+            res = drift_test(series, confirm=2 * CANARY_FLOOR)
             if res is not None:
                 alarm, start, z, _ = res
                 final = float(np.nanmedian(z[-3:]))
@@ -88,21 +85,19 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
     return _merge_drifts(raw, can_final, steps)
 
 
-def _host_speed(bsteps: np.ndarray, can_steps: np.ndarray, ref: np.ndarray, scope) -> np.ndarray:
-    """The reference canary's time at each block (latest canary so far; first one before it), relative to its median."""
-    series = np.nanmedian(ref, axis=0) if scope == "all" else ref[scope]
-    if series.size == 0 or not np.isfinite(series).any():
-        return np.ones(bsteps.size)
-    idx = np.clip(np.searchsorted(can_steps, bsteps, side="right") - 1, 0, series.size - 1)
-    v = series[idx]
-    return v / np.nanmedian(series)
+def _floor(x: np.ndarray, w: int) -> np.ndarray:
+    """Causal rolling minimum: the least disturbed of the last w canaries (interference only adds time)."""
+    out = x.astype(float).copy()
+    for i in range(1, w):
+        out[i:] = np.fmin(out[i:], x[:-i])
+    return out
 
 
 def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray) -> list[Finding]:
     by = {}
     for scope, layer, name, first, det, final in raw:
         if layer == "compute":
-            disp = max(can_final.get((scope, "dispatch_s"), 0.0), can_final.get((scope, "dispatch_ratio"), 0.0))
+            disp = max(can_final.get((scope, "dispatch_s"), 0.0), can_final.get((scope, "dispatch_cpu_s"), 0.0))
             if disp >= max(0.5 * final, DRIFT_MIN / 2):
                 layer = "dispatch"
         by.setdefault((scope, layer), []).append((name, first, det, final))

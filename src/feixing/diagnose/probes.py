@@ -50,6 +50,9 @@ class Canaries:
         self._big_r = torch.zeros(n, device=self.device)
         self._ref = torch.ones(96, 96, device=self.device) / 96
         self._ref_out = torch.empty(96, 96, device=self.device)
+        from feixing.diagnose.telemetry import _open_schedstat, _read_sched
+        fd = _open_schedstat()
+        self._sched = lambda: _read_sched(fd)
         self._pending = None  # (start_event, end_event) of the last dispatch canary on CUDA
         self._dispatch_base = None
 
@@ -104,8 +107,10 @@ class Canaries:
         return out
 
     def _ring(self, send, recv, delay: float) -> float:
-        """Send to the right neighbour, receive from the left; seconds until the receive is done."""
+        """Send to the right neighbour, receive from the left; seconds until the receive is done,
+        less the time this rank sat descheduled meanwhile (that is the host, not the link)."""
         right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        s0 = self._sched()
         t0 = time.perf_counter()
         if delay > 0:
             from feixing.diagnose.faults import wait
@@ -113,7 +118,7 @@ class Canaries:
         rs = dist.isend(send, right)
         rr = dist.irecv(recv, left)
         rr.wait()
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0 - (self._sched() - s0)
         rs.wait()
         return dt
 
