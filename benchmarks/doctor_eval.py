@@ -103,7 +103,9 @@ def judge(run: dict, findings: list, base: dict) -> dict:
     res = {**run, "findings": [f.summary for f in findings], "found": bool(good),
            "delay": (good[0].detected_step - ref) if good else None,
            "first_right": bool(after) and right(after[0].ranks, after[0].layer),
-           "wrong_after": sum(1 for f in after if not right(f.ranks, f.layer)), "before_onset": len(early),
+           "wrong_after": sum(1 for f in after if not right(f.ranks, f.layer) and f.kind != "spike"),
+           "wrong_spikes": sum(1 for f in after if not right(f.ranks, f.layer) and f.kind == "spike"),
+           "before_onset": len([f for f in early if f.kind != "spike"]),
            "labels": sorted({f"{f.kind}/{f.layer}" for f in findings})}
     for name, a in base.items():
         ok = a is not None and a["step"] >= onset and right(a["ranks"], a["layer"])
@@ -151,9 +153,11 @@ def main() -> None:
             f = diagnose(data)
             b = baselines(data, None)
             clean.append({"steps": int(len(data.steps)), "findings": [x.summary for x in f],
+                          "alarms": [x.summary for x in f if x.kind != "spike"],
+                          "spikes": [f"{x.layer}: {x.summary}" for x in f if x.kind == "spike"],
                           "megatron": b["megatron"] is not None, "nvrx": b["nvrx"] is not None})
             over.append(_overhead(data, res))
-            print(f"clean {i}: {len(f)} findings {[x.summary for x in f]}", flush=True)
+            print(f"clean {i}: {len(f)} findings {[f'{x.kind}/{x.layer}: {x.summary}' for x in f]}", flush=True)
         for run in runs:
             data, res, _ = one(pool, tmp, run, run["seed"], run["steps"])
             f = diagnose(data)
@@ -197,16 +201,19 @@ def summarize(results, clean, over, ab, wall) -> dict:
         row = {"kind": kind, "magnitude": mag, "runs": len(rs), "found": sum(r["found"] for r in rs),
                "first_right": sum(r["first_right"] for r in rs),
                "delay_median": statistics.median(d) if d else None, "delay_max": max(d) if d else None,
-               "wrong_findings": sum(r["wrong_after"] for r in rs), "before_onset": sum(r["before_onset"] for r in rs)}
+               "wrong_findings": sum(r["wrong_after"] for r in rs), "wrong_spikes": sum(r["wrong_spikes"] for r in rs),
+               "before_onset": sum(r["before_onset"] for r in rs)}
         for b in ("megatron", "nvrx"):
             bd = [r[b]["delay"] for r in rs if r[b]["found"]]
             row[b] = {"found": sum(r[b]["found"] for r in rs), "delay_median": statistics.median(bd) if bd else None,
                       "before_onset": sum(r[b]["before_onset"] for r in rs)}
         rows.append(row)
     clean_steps = sum(c["steps"] for c in clean)
-    fa = sum(len(c["findings"]) for c in clean)
+    fa = sum(len(c["alarms"]) for c in clean)  # straggler, drift, hang
+    spikes = sum(len(c["spikes"]) for c in clean)  # event spikes labelled with their cause
     return {"rows": rows, "clean_steps": clean_steps, "false_alarms": fa,
             "false_alarms_per_10k": fa / clean_steps * 1e4 if clean_steps else None,
+            "clean_spike_findings": spikes,
             "megatron_clean_runs_alarmed": sum(c["megatron"] for c in clean),
             "nvrx_clean_runs_alarmed": sum(c["nvrx"] for c in clean), "clean_runs": len(clean),
             "overhead_internal": statistics.median([o["frac"] for o in over]) if over else None,
@@ -225,8 +232,9 @@ def print_table(s: dict) -> None:
         print(f"{r['kind']:17s} {r['magnitude']:6g} {r['runs']:4d} {r['found']:5d} {r['first_right']:6d} {dm:>13s} "
               f"{r['wrong_findings']:5d} {r['before_onset']:5d} | {mg['found']:>9d} / {str(mg['delay_median']):>8s} | "
               f"{nv['found']:>7d} / {str(nv['delay_median']):>6s}")
-    print(f"\nclean: {s['false_alarms']} false alarms in {s['clean_steps']} steps = "
-          f"{s['false_alarms_per_10k']:.2f} per 10,000 steps; baselines alarmed in "
+    print(f"\nclean: {s['false_alarms']} false alarms (straggler/drift/hang) in {s['clean_steps']} steps = "
+          f"{s['false_alarms_per_10k']:.2f} per 10,000 steps; {s['clean_spike_findings']} event-spike findings "
+          f"(checkpoint/gc/data, labelled); baselines alarmed in "
           f"megatron {s['megatron_clean_runs_alarmed']}/{s['clean_runs']}, nvrx {s['nvrx_clean_runs_alarmed']}/"
           f"{s['clean_runs']} clean runs")
     print(f"overhead: telemetry's own time {s['tele_per_step_ms']:.3f} ms per {s['step_ms']:.1f} ms step = "

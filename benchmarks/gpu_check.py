@@ -103,6 +103,8 @@ def main() -> int:
                     "data/gpu_demo", "--max-bytes", "20000000"], cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), check=True)
     runs = [train_throughput([], "eager")]
+    if "error" in runs[0]:  # keep the session's one GPU run useful: retry without telemetry
+        runs.append(train_throughput(["--set", "telemetry.enabled=false"], "eager_no_telemetry"))
     if not a.skip_compile:
         runs.append(train_throughput(["--set", "parallel.compile=true"], "compile"))
     result["training"] = runs

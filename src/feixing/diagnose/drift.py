@@ -24,6 +24,7 @@ from feixing.diagnose.detect import (DRIFT_BASE_BLOCKS, DRIFT_BLOCK, DRIFT_MIN, 
 DRIFT_PHASES = ("data", "forward", "backward", "optimizer", "gc", "comm")
 # signal -> smallest growth worth a finding; on CPU the dispatch canary's CPU time replaces its wall time
 CANARY_DRIFT = {"dispatch_s": DRIFT_MIN, "rss_mb": 0.10}
+COMM_DRIFT_MIN = 0.10  # exposed comm wait mostly mirrors everyone else's noise: report only large growth
 CANARY_FLOOR = 4  # canaries in the rolling minimum a canary drift is tested on  # signal -> smallest growth worth a finding
 _WHAT = {"data": "waiting for data", "compute": "compute time", "dispatch": "host dispatch latency",
          "gc": "GC pause time", "communication": "exposed communication wait", "memory": "resident memory"}
@@ -58,7 +59,8 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
             if res is not None:
                 alarm, start, z, _ = res
                 final = float(np.nanmedian(z[-3:]))
-                if final >= DRIFT_MIN:  # offline, a slowdown that went away again is not a drift
+                if final >= (COMM_DRIFT_MIN if name == "comm" else DRIFT_MIN):
+                    # offline, a slowdown that went away again is not a drift
                     raw.append((scope, LAYER_OF[name], name, int(bsteps[start] - DRIFT_BLOCK + 1),
                                 int(bsteps[alarm]), final))
     can_final = {}
