@@ -161,7 +161,7 @@ class Dcp:
 def run_method(method, app: dict, work: Work, saves: int, interval: int, base: float,
                warmup: int = 0) -> dict:
     blocked, extra, worst, rss, steps_overlapped, worst_at = [], [], [], [], [], []
-    step = 0
+    step = 1  # as in the trainer: maybe_save(0) would be a save (0 % interval == 0)
     p0 = app["model"][0]
     for _ in range(warmup):  # training before the first save, as in a real run
         work.run()

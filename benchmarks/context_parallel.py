@@ -107,12 +107,26 @@ def _calibrate(rank, p, mb=8, reps=3) -> dict:
             req.wait()
         tp.append(_slowest(time.perf_counter() - t0))
     nbytes = x.numel() * 4
-    return dict(a2a_gbps=nbytes * (p - 1) / p / min(ts) / 1e9, p2p_gbps=nbytes / min(tp) / 1e9)
+    lat = []
+    tiny, sink = torch.zeros(1), torch.zeros(1)
+    for _ in range(10):  # per-step fixed cost: a 4-byte shift
+        dist.barrier()
+        t0 = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, tiny, (rank + 1) % p), dist.P2POp(dist.irecv, sink, (rank - 1) % p)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        lat.append(_slowest(time.perf_counter() - t0))
+    return dict(a2a_gbps=nbytes * (p - 1) / p / min(ts) / 1e9, p2p_gbps=nbytes / min(tp) / 1e9,
+                latency_s=statistics.median(lat))
 
 
 def _auto_check(rows, base, cfg) -> list[dict]:
     """For each (P, S): the mode the cost model picks with parameters measured in this run,
-    against the measured best mode (the goal: auto within 5% of the best)."""
+    against the measured best mode (the goal: auto within 5% of the best).
+
+    CPU parameters: kernel rate from the 1-process baseline times 2/P (P processes share 2
+    cores), link speeds and per-step latency from `_calibrate`, overlap 0 (gloo's copies run
+    on the same cores as the kernels), no small-block penalty (n_half 0)."""
     from feixing.plan.cp_cost import Cluster, Workload, layer_time
 
     out = []
@@ -127,7 +141,7 @@ def _auto_check(rows, base, cfg) -> list[dict]:
             rate = flops / base[s] * min(1.0, 2.0 / p)  # P processes share 2 cores
             c = Cluster(cp_degree=p, devices_per_node=p, intra_gbps=cal[p]["a2a_gbps"],
                         inter_gbps=cal[p]["p2p_gbps"], tflops=rate / 1e12,
-                        n_half=0, latency_s=2e-4)
+                        n_half=0, latency_s=cal[p]["latency_s"], overlap=0.0)
             model = {r["mode"]: layer_time(w, c, r["U"], r["R"], "allgather" if r["mode"] == "allgather" else "ring")["total_s"]
                      for r in pts}
             pick = min(model, key=model.get)
@@ -245,7 +259,8 @@ def main() -> None:
         mbb = f"{r['bytes_bwd'] / 2**20:.2f}" if "bytes_bwd" in r else "n/a"
         print(f"{r['P']:>2} {r['S']:>6} {r['mode']:<14} {fb:>9} {r['fwd_s']:>8.3f} {vs:>8} {mbf:>8} {mbb:>8} {r['max_err_vs_1proc']:>8.1e}")
     print("calibration (gloo on this machine): " + ", ".join(
-        f"P={r['P']}: a2a {r['calibration']['a2a_gbps']:.2f} GB/s, p2p {r['calibration']['p2p_gbps']:.2f} GB/s"
+        f"P={r['P']}: a2a {r['calibration']['a2a_gbps']:.2f} GB/s, p2p {r['calibration']['p2p_gbps']:.2f} GB/s, "
+        f"step latency {r['calibration']['latency_s'] * 1e3:.2f} ms"
         for r in cal_rows))
     for a in auto:
         print(f"auto P={a['P']} S={a['S']}: model picks {a['auto']}, measured best {a['measured_best']}, "

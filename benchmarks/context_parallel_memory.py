@@ -7,7 +7,8 @@ Each (P, mode, S) runs in fresh processes. A rank builds its shard of q, k, v (1
 fp32, runs the layer once to warm up, resets the kernel's peak-RSS mark
 (/proc/self/clear_refs), runs forward+backward again and reports VmHWM minus the RSS just
 before that run: the memory the layer itself needed on that rank (inputs excluded). The
-baseline is P = 1 in the same run; `vs_P1` should approach 1/P.
+baseline is P = 1 in the same run; `vs_P1` should approach 1/P. glibc is told to serve blocks
+above 64 KiB from mmap so that freed memory leaves RSS.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def _run(p, u, r, mode, s, cfg) -> float:
 
 
 def main() -> None:
+    # Large blocks straight from mmap and back to the OS on free, so RSS follows live tensors
+    # (otherwise glibc keeps the warm-up's freed heap resident and the peak hides in it).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--heads", type=int, default=8)

@@ -13,7 +13,8 @@ and onsets with 5 seeds each, plus clean runs. Each run's telemetry is diagnosed
 Overhead: (a) telemetry's own time in end_step + phase timers, as a fraction of the step;
 (b) wall time of whole runs with telemetry on vs off, alternating, same seeds.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/doctor_eval.py [--seeds 5] [--clean-runs 10] [--quick]
+    PYTHONPATH=src .venv/bin/python benchmarks/doctor_eval.py [--seeds 5] [--clean-runs 10] [--quick] [--keep DIR]
+    PYTHONPATH=src .venv/bin/python benchmarks/doctor_eval.py --rediagnose DIR   # re-score kept runs
 
 Prints a table and writes benchmarks/results/doctor_eval.json.
 """
@@ -34,10 +35,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "src")]
 
-from feixing.diagnose.faults import EXPECTED_LAYER  # noqa: E402
-from feixing.diagnose.report import diagnose, load_run  # noqa: E402
-from feixing.diagnose.sim import run_loop  # noqa: E402
-from tests._dist import DistPool  # noqa: E402
+from feixing.diagnose.faults import EXPECTED_LAYER
+from feixing.diagnose.report import diagnose, load_run
+from feixing.diagnose.sim import run_loop
+from tests._dist import DistPool
 
 WORLD = 4
 TELE = {"canary_interval": 25, "probe_interval": 50, "detect_interval": 50, "hang_timeout_s": 2.0}
@@ -114,18 +115,34 @@ def judge(run: dict, findings: list, base: dict) -> dict:
     return res
 
 
-def one(pool, tmp: str, run: dict | None, seed: int, steps: int, tele=TELE, enabled=True) -> tuple:
-    d = os.path.join(tmp, "run")
+def one(pool, d: str, run: dict | None, seed: int, steps: int, tele=TELE, enabled=True):
     shutil.rmtree(d, ignore_errors=True)
     faults = [] if run is None else [{"kind": run["kind"], "ranks": run["ranks"], "start_step": run["onset"],
                                       "magnitude": run["magnitude"]}]
-    t0 = time.perf_counter()
-    res = pool.run(run_loop, d, steps, faults, tele, seed, ckpt_every=CKPT_EVERY, enabled=enabled)
-    wall = time.perf_counter() - t0
-    if not enabled:
-        return None, res, wall
-    data = load_run(d)
-    return data, res, wall
+    return pool.run(run_loop, d, steps, faults, tele, seed, ckpt_every=CKPT_EVERY, enabled=enabled)
+
+
+def evaluate(manifest: dict, keep: str) -> tuple[list, list, list]:
+    """Diagnose every stored run (offline, so detector changes can be re-scored without re-running)."""
+    results, clean, over = [], [], []
+    for rec in manifest["runs"]:
+        data = load_run(os.path.join(keep, rec["name"]))
+        f = diagnose(data)
+        if rec["run"] is None:
+            b = baselines(data, None)
+            clean.append({"steps": len(data.steps), "findings": [x.summary for x in f],
+                          "alarms": [x.summary for x in f if x.kind != "spike"],
+                          "spikes": [f"{x.layer}: {x.summary}" for x in f if x.kind == "spike"],
+                          "megatron": b["megatron"] is not None, "nvrx": b["nvrx"] is not None})
+            over.append(_overhead(data, rec["res"]))
+            print(f"{rec['name']}: {[f'{x.kind}/{x.layer}: {x.summary}' for x in f]}", flush=True)
+        else:
+            run = rec["run"]
+            r = judge(run, f, baselines(data, run["onset"]))
+            results.append(r)
+            print(f"{run['kind']:16s} mag {run['magnitude']:<6g} onset {run['onset']:3d} seed {run['seed']} "
+                  f"ranks {run['ranks']}: found={r['found']} delay={r['delay']} labels={r['labels']}", flush=True)
+    return results, clean, over
 
 
 def main() -> None:
@@ -136,52 +153,92 @@ def main() -> None:
     ap.add_argument("--ab-pairs", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="one magnitude and onset per kind (for a smoke run)")
     ap.add_argument("--kinds", default="", help="comma-separated subset of fault kinds")
+    ap.add_argument("--keep", default="", help="keep every run's telemetry in this folder (default: a temp dir)")
+    ap.add_argument("--rediagnose", default="", help="re-score the runs kept in this folder; run nothing")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "doctor_eval.json"))
     args = ap.parse_args()
+    if args.rediagnose:
+        with open(os.path.join(args.rediagnose, "manifest.json")) as fh:
+            manifest = json.load(fh)
+        results, clean, over = evaluate(manifest, args.rediagnose)
+        finish(args.out, results, clean, over, manifest["ab"], manifest["wall_s"])
+        return
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run `finally`: close the worker pool
     runs = grid(args.seeds, args.quick)
     if args.kinds:
         runs = [r for r in runs if r["kind"] in args.kinds.split(",")]
-    tmp = tempfile.mkdtemp(prefix="doctor_eval_")
+    keep = args.keep or tempfile.mkdtemp(prefix="doctor_eval_")
+    os.makedirs(keep, exist_ok=True)
     pool = DistPool(WORLD, timeout_s=600)
     t_start = time.time()
-    results, clean, ab, over = [], [], [], []
+    manifest = {"runs": [], "ab": [], "wall_s": 0.0}
     try:
-        for i in range(args.clean_runs):
-            data, res, _ = one(pool, tmp, None, 1000 + i, args.clean_steps)
-            f = diagnose(data)
-            b = baselines(data, None)
-            clean.append({"steps": int(len(data.steps)), "findings": [x.summary for x in f],
-                          "alarms": [x.summary for x in f if x.kind != "spike"],
-                          "spikes": [f"{x.layer}: {x.summary}" for x in f if x.kind == "spike"],
-                          "megatron": b["megatron"] is not None, "nvrx": b["nvrx"] is not None})
-            over.append(_overhead(data, res))
-            print(f"clean {i}: {len(f)} findings {[f'{x.kind}/{x.layer}: {x.summary}' for x in f]}", flush=True)
-        for run in runs:
-            data, res, _ = one(pool, tmp, run, run["seed"], run["steps"])
-            f = diagnose(data)
-            r = judge(run, f, baselines(data, run["onset"]))
-            results.append(r)
-            print(f"{run['kind']:16s} mag {run['magnitude']:<6g} onset {run['onset']:3d} seed {run['seed']} "
-                  f"ranks {run['ranks']}: found={r['found']} delay={r['delay']} labels={r['labels']}", flush=True)
+        todo = [(f"clean{i}", None, 1000 + i, args.clean_steps) for i in range(args.clean_runs)]
+        todo += [(f"{r['kind']}-{r['magnitude']}-{r['onset']}-{r['seed']}", r, r["seed"], r["steps"]) for r in runs]
+        for name, run, seed, steps in todo:
+            res = one(pool, os.path.join(keep, name), run, seed, steps)
+            manifest["runs"].append({"name": name, "run": run, "res": res})
+            print(f"ran {name}", flush=True)
         for i in range(args.ab_pairs):  # alternate the order so drifts in machine load cancel
             order = [True, False] if i % 2 == 0 else [False, True]
             walls = {}
             for on in order:
-                _, res, _ = one(pool, tmp, None, 2000 + i, 300, tele={}, enabled=on)
+                res = one(pool, os.path.join(keep, "ab"), None, 2000 + i, 300, tele={}, enabled=on)
                 walls[on] = statistics.mean(x["wall_s"] for x in res)
-            ab.append(walls[True] / walls[False] - 1)
+            manifest["ab"].append(walls[True] / walls[False] - 1)
     finally:
         pool.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    summary = summarize(results, clean, over, ab, time.time() - t_start)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
+        manifest["wall_s"] = time.time() - t_start
+        with open(os.path.join(keep, "manifest.json"), "w") as fh:
+            json.dump(manifest, fh)
+    results, clean, over = evaluate(manifest, keep)
+    finish(args.out, results, clean, over, manifest["ab"], manifest["wall_s"])
+    if not args.keep:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
+def phase_cost(n: int = 20000) -> dict:
+    """Hot-path cost in this process: 6 phases + end_step, telemetry on vs a loop of empty `with`s."""
+    import contextlib
+
+    from feixing.config.schema import TelemetryConfig
+    from feixing.diagnose.telemetry import Telemetry
+
+    phases = ("data", "forward", "backward", "comm", "optimizer", "checkpoint")
+    d = tempfile.mkdtemp(prefix="doctor_cost_")
+    tele = Telemetry(TelemetryConfig(canary_interval=0, probe_interval=0, online_detect=False,
+                                     hang_timeout_s=600), run_dir=d)
+    null = contextlib.nullcontext()
+    best_on = best_off = float("inf")
+    for _ in range(3):  # best of 3: the machine is shared
+        t0 = time.perf_counter()
+        for s in range(n):
+            for p in phases:
+                with tele.phase(p):
+                    pass
+            tele.end_step(s)
+        best_on = min(best_on, (time.perf_counter() - t0) / n)
+        t0 = time.perf_counter()
+        for _s in range(n):
+            for _p in phases:
+                with null:
+                    pass
+        best_off = min(best_off, (time.perf_counter() - t0) / n)
+    tele.close()
+    shutil.rmtree(d, ignore_errors=True)
+    return {"per_step_us": (best_on - best_off) * 1e6, "phases": len(phases)}
+
+
+def finish(out, results, clean, over, ab, wall) -> None:
+    summary = summarize(results, clean, over, ab, wall)
+    summary["hot_path"] = phase_cost()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
         json.dump({"summary": summary, "runs": results, "clean": clean, "telemetry": TELE,
                    "machine": "2-core CPU shared with other users, no GPU", "world_size": WORLD}, fh, indent=1)
     print_table(summary)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
 
 
 def _overhead(data, res) -> dict:
@@ -230,8 +287,8 @@ def print_table(s: dict) -> None:
         dm = f"{r['delay_median']}/{r['delay_max']}" if r["delay_median"] is not None else "-"
         mg, nv = r["megatron"], r["nvrx"]
         print(f"{r['kind']:17s} {r['magnitude']:6g} {r['runs']:4d} {r['found']:5d} {r['first_right']:6d} {dm:>13s} "
-              f"{r['wrong_findings']:5d} {r['before_onset']:5d} | {mg['found']:>9d} / {str(mg['delay_median']):>8s} | "
-              f"{nv['found']:>7d} / {str(nv['delay_median']):>6s}")
+              f"{r['wrong_findings']:5d} {r['before_onset']:5d} | {mg['found']:>9d} / {mg['delay_median']!s:>8s} | "
+              f"{nv['found']:>7d} / {nv['delay_median']!s:>6s}")
     print(f"\nclean: {s['false_alarms']} false alarms (straggler/drift/hang) in {s['clean_steps']} steps = "
           f"{s['false_alarms_per_10k']:.2f} per 10,000 steps; {s['clean_spike_findings']} event-spike findings "
           f"(checkpoint/gc/data, labelled); baselines alarmed in "
@@ -240,7 +297,9 @@ def print_table(s: dict) -> None:
     print(f"overhead: telemetry's own time {s['tele_per_step_ms']:.3f} ms per {s['step_ms']:.1f} ms step = "
           f"{s['overhead_internal']:.2%} (harness settings {TELE}); A/B wall on/off - 1 (defaults): "
           f"{[f'{x:+.2%}' for x in s['overhead_ab']]}")
-    print(f"harness wall time {s['harness_wall_s']:.0f} s")
+    print(f"hot path (6 phases + end_step, no canaries), best of 3 in one process: "
+          f"{s['hot_path']['per_step_us']:.1f} us per step")
+    print(f"harness wall time (running the loops) {s['harness_wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

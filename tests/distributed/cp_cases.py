@@ -10,11 +10,23 @@ from feixing.ops import reference
 _CP: dict = {}
 
 
-def get_cp(U, R, mode="ring", ulysses_first=True, backend="auto", from_mesh=False):
-    """One ContextParallel per configuration per process (building one creates process groups)."""
-    key = (U, R, mode, ulysses_first, backend, from_mesh)
+def get_cp(U, R, mode="ring", ulysses_first=True, backend="auto", from_mesh=False, subgroup=False):
+    """One ContextParallel per configuration per process (building one creates process groups).
+
+    subgroup=True: the world is split into consecutive CP groups of U*R ranks (as with data
+    parallelism outside CP) and this rank's group is passed explicitly.
+    """
+    key = (U, R, mode, ulysses_first, backend, from_mesh, subgroup)
     if key not in _CP:
-        if from_mesh:  # ring outer, Ulysses inner: the same rank order as ulysses_first=True
+        if subgroup:
+            import torch.distributed as dist
+
+            world, p = dist.get_world_size(), U * R
+            groups = [dist.new_group(list(range(i, i + p))) for i in range(0, world, p)]
+            mine = groups[dist.get_rank() // p]
+            _CP[key] = ContextParallel(U, R, group=mine, mode=mode, ulysses_first=ulysses_first,
+                                       backend=backend)
+        elif from_mesh:  # ring outer, Ulysses inner: the same rank order as ulysses_first=True
             from torch.distributed.device_mesh import init_device_mesh
             mesh = init_device_mesh("cpu", (R, U), mesh_dim_names=("cp_ring", "cp_ulysses"))
             _CP[key] = ContextParallel.from_mesh(mesh, mode=mode, backend=backend)
@@ -46,7 +58,7 @@ def run_case(case: dict) -> dict:
     B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
     dtype = case.get("dtype", torch.float32)
     cp = get_cp(U, R, case.get("mode", "ring"), case.get("ulysses_first", True), case.get("backend", "auto"),
-                case.get("from_mesh", False))
+                case.get("from_mesh", False), case.get("subgroup", False))
     g = torch.Generator().manual_seed(case.get("seed", 0))
     q = torch.randn(B, S, H, D, generator=g, dtype=torch.float64)
     k = torch.randn(B, S, Hkv, D, generator=g, dtype=torch.float64)

@@ -82,6 +82,7 @@ def test_save_resume_roundtrip_is_exact_and_pickle_free(tmp_path, monkeypatch):
     assert ck2.resume(fresh, "auto") == 4
     _same_state(app, fresh)
     assert ck2.resume(_app(seed=2), "none") == 0
+    ck2.close()
 
 
 def test_async_and_sync_saves_write_identical_files(tmp_path):
@@ -95,7 +96,7 @@ def test_async_and_sync_saves_write_identical_files(tmp_path):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "no_manifest"])
 def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, caplog):
-    app, _ = _run(tmp_path, steps=4)
+    _run(tmp_path, steps=4)
     root = _root(tmp_path)
     newest = os.path.join(root, "step-00000004")
     target = os.path.join(newest, "rank-00000.safetensors")
@@ -108,14 +109,18 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, caplog):
     elif damage == "truncate":
         os.truncate(target, os.path.getsize(target) - 3)
     elif damage == "manifest":
-        text = open(os.path.join(newest, "manifest.json")).read().replace('"step": 4', '"step": 5')
-        open(os.path.join(newest, "manifest.json"), "w").write(text)
+        path = os.path.join(newest, "manifest.json")
+        with open(path) as f:
+            text = f.read().replace('"step": 4', '"step": 5')
+        with open(path, "w") as f:
+            f.write(text)
     else:
         os.remove(os.path.join(newest, "manifest.json"))
     fresh = _app(seed=1)
     ck = Manager(CheckpointConfig(interval=2, verify_checksums=damage != "truncate"), str(tmp_path), 0, 1)
     with caplog.at_level(logging.WARNING):
         assert ck.resume(fresh, "auto") == 2
+    ck.close()
     if damage != "no_manifest":  # a folder without manifest is not even a candidate
         assert "falling back" in caplog.text and "step-00000004" in caplog.text
         assert any(n.startswith("corrupt-step-00000004") for n in os.listdir(root))
@@ -125,10 +130,11 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, caplog):
 
 
 def test_explicit_path_and_all_invalid_is_an_error(tmp_path):
-    app, _ = _run(tmp_path, steps=4)
+    _run(tmp_path, steps=4)
     fresh = _app(seed=1)
     ck = Manager(CheckpointConfig(), str(tmp_path), 0, 1)
     assert ck.resume(fresh, os.path.join(_root(tmp_path), "step-00000002")) == 2
+    ck.close()
     for name in os.listdir(_root(tmp_path)):
         os.truncate(os.path.join(_root(tmp_path), name, "rank-00000.json"), 5)
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
@@ -136,7 +142,7 @@ def test_explicit_path_and_all_invalid_is_an_error(tmp_path):
 
 
 def test_retention_keeps_last_k_and_every_n(tmp_path):
-    _, ck = _run(tmp_path, steps=7, interval=1, keep=2, keep_every=3)
+    _run(tmp_path, steps=7, interval=1, keep=2, keep_every=3)
     assert sorted(os.listdir(_root(tmp_path))) == ["step-00000003", "step-00000006", "step-00000007"]
     # newest is never pruned, even when older ones have higher steps (resumed from an old one)
     assert C.select_prunable([1, 2, 3, 9], newest=3, keep=1, keep_every=0) == [2, 1]
@@ -148,12 +154,14 @@ def test_interrupted_save_leaves_only_a_temp_folder_removed_at_start(tmp_path, c
     root = _root(tmp_path)
     stale = os.path.join(root, ".tmp-step-00000004-deadbeef")
     os.makedirs(stale)
-    open(os.path.join(stale, "rank-00000.safetensors"), "wb").write(b"partial")
+    with open(os.path.join(stale, "rank-00000.safetensors"), "wb") as f:
+        f.write(b"partial")
     os.makedirs(os.path.join(root, "step-00000006"))  # renamed but manifest lost: not loadable
     with caplog.at_level(logging.WARNING):
         ck = Manager(CheckpointConfig(interval=2), str(tmp_path), 0, 1)
     assert not os.path.exists(stale) and "interrupted" in caplog.text
     assert ck.resume(_app(seed=3), "auto") == 2
+    ck.close()
 
 
 def test_disk_full_keeps_previous_and_continues(tmp_path, caplog):

@@ -22,7 +22,7 @@ def write_run(d, steps=300, ranks=4, seed=0, noise=0.03, extra=None, ckpt_every=
     rng = np.random.default_rng(seed)
     tdir = os.path.join(d, "telemetry")
     os.makedirs(tdir, exist_ok=True)
-    files = [open(os.path.join(tdir, f"rank-{r:05d}.jsonl"), "w") for r in range(ranks)]
+    files = [open(os.path.join(tdir, f"rank-{r:05d}.jsonl"), "w") for r in range(ranks)]  # noqa: SIM115
     for r, f in enumerate(files):
         f.write(json.dumps({"type": "meta", "rank": r, "world_size": ranks}) + "\n")
     for s in range(1, steps + 1):
@@ -88,7 +88,7 @@ def test_checkpoint_stall_is_a_spike_never_a_straggler(tmp_path):
 
 def test_cluster_wide_dispatch_drift(tmp_path):
     # every phase and the dispatch canary grow 0.5% per 100 steps from step 100 (1% at step 300)
-    ramp = lambda s: 0.005 * max(s - 100, 0) / 100  # noqa: E731
+    ramp = lambda s: 0.005 * max(s - 100, 0) / 100
     d = write_run(str(tmp_path), steps=900, noise=0.01,
                   extra=lambda r, s: {p: PH[p] * ramp(s) for p in ("forward", "backward", "optimizer")},
                   dispatch=lambda r, s: 4e-4 * (1 + ramp(s)))
@@ -100,7 +100,7 @@ def test_cluster_wide_dispatch_drift(tmp_path):
 
 
 def test_compute_drift_without_dispatch_canary_is_compute(tmp_path):
-    ramp = lambda s: 0.01 * max(s - 100, 0) / 100  # noqa: E731
+    ramp = lambda s: 0.01 * max(s - 100, 0) / 100
     d = write_run(str(tmp_path), steps=700, noise=0.01,
                   extra=lambda r, s: {"backward": PH["backward"] * ramp(s)})
     drift = [x for x in diagnose_run(d) if x.kind == "drift"]
@@ -141,3 +141,16 @@ def test_online_detector_warns_once_about_a_straggler():
             m[3, 2] *= 1.3  # 30% slower compute = 18% of a step
         msgs += det.update(10 * (i + 1), m)
     assert len(msgs) == 1 and "rank 3 is a straggler in compute" in msgs[0]
+
+
+def test_online_detector_warns_about_a_drift_on_every_rank():
+    det = OnlineDetector(4)
+    base = np.array([[0.02, 0.002, 0.012, 0.0, 0.004, 0.0]] * 4)
+    msgs = []
+    for i in range(30):
+        m = base.copy()
+        m[:, 2] *= 1 + 0.01 * max(i - 5, 0)  # compute grows 1% per window on every rank
+        got = det.update(10 * (i + 1), m)
+        msgs += [(i, x) for x in got]
+    assert len(msgs) == 1 and "compute on every rank drifted" in msgs[0][1]
+    assert msgs[0][0] <= 20  # 8% CUSUM level reached after ~10 windows of growth

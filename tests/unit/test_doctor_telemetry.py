@@ -15,7 +15,7 @@ from feixing.diagnose.report import doctor_main, hang_findings, load_run
 from feixing.diagnose.watchdog import Heartbeat, Watchdog, laggards
 from tests.unit.test_doctor_detect import write_run
 
-CFG = dict(canary_interval=5, probe_interval=0, online_detect=False, hang_timeout_s=0)
+CFG = {"canary_interval": 5, "probe_interval": 0, "online_detect": False, "hang_timeout_s": 0}
 
 
 def test_records_phases_gc_and_canaries(tmp_path):

@@ -181,9 +181,10 @@ class Stager:
 
     def prepare(self, items: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bool:
         """Make the buffer fit `items`; returns True when it was (re)allocated."""
-        alloc, self._alloc = self._alloc, None
+        alloc = self._alloc
         if alloc is not None and alloc is not threading.current_thread():
-            alloc.join()
+            alloc.join()  # never two allocations at once; the writer it started is ours
+            self._alloc = None
         layout = Layout(items)
         if self.layout is not None and layout.signature == self.layout.signature:
             return False

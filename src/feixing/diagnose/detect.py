@@ -126,7 +126,7 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
             runs = [(a, b) for a, b in _runs(flag) if b - a >= STRAGGLER_PERSIST]
             if not runs:
                 continue
-            a, b = runs[0]
+            a, _b = runs[0]
             det = a + STRAGGLER_PERSIST - 1
             onset = max(a - STRAGGLER_WINDOW // 2, 0)
             flagged = np.concatenate([np.arange(x, y) for x, y in runs])
@@ -135,8 +135,8 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
             verb = {"data": "waits for data", "compute": "computes", "gc": "pauses for GC"}[layer]
             summ = (f"rank {r} {verb} {mag:.0%} slower than its peers since step {int(steps[onset])}"
                     f" (+{share:.0%} of a step)")
-            ev = [f"flagged in {len(flagged)} of {len(steps) - a} steps from step {int(steps[a])}; "
-                  f"threshold {thr:.1%} of a step over the peers' median"]
+            ev = [(f"flagged in {len(flagged)} of {len(steps) - a} steps from step {int(steps[a])}; "
+                  f"threshold {thr:.1%} of a step over the peers' median")]
             out.append(Finding("straggler", layer, [r], int(steps[onset]), round(mag, 4), summ,
                                int(steps[det]), ev))
     return out
@@ -167,8 +167,8 @@ def find_slow_links(can_steps: np.ndarray, lat: np.ndarray, link_from: list[int]
             f"link rank {s} -> rank {r} is {mag:.1f}x slower than the other links since step "
             f"{int(can_steps[a])} (+{np.nanmedian(exc[r, a:b]) * 1e3:.2f} ms per message)",
             int(can_steps[a + LINK_PERSIST - 1]),
-            [f"ring probe latency {np.nanmedian(lat[r, a:b]) * 1e3:.2f} ms vs median link "
-             f"{np.nanmedian(lat[r, a:b] - exc[r, a:b]) * 1e3:.2f} ms"]))
+            [(f"ring probe latency {np.nanmedian(lat[r, a:b]) * 1e3:.2f} ms vs median link "
+             f"{np.nanmedian(lat[r, a:b] - exc[r, a:b]) * 1e3:.2f} ms")]))
     return out
 
 
@@ -265,29 +265,32 @@ class OnlineDetector:
                         msgs.append(f"rank {r} is a straggler in {layer}: {exc[r] / max(peer, 1e-12):.0%} "
                                     f"slower than its peers (window ending at step {step})")
         for layer in ("data", "compute"):
-            msg = self._drift(layer, float(np.median(col[layer])), step_med, step)
+            # the fastest rank's window median: the lower envelope, as offline
+            msg = self._drift(layer, float(np.min(col[layer])), step_med, step)
             if msg:
                 msgs.append(msg)
         return msgs
 
     def _drift(self, layer: str, v: float, step_med: float, step: int) -> str | None:
-        """Incremental CUSUM, the same rule as drift_test, O(1) per window."""
+        """Incremental CUSUM with the offline rule's slack, cap and confirmation, O(1) per window."""
         h = self.hist[layer]
-        if len(h) < DRIFT_BASE_BLOCKS:
-            h.append(v)
+        h.append(v)
+        if len(h) <= DRIFT_BASE_BLOCKS:
             if len(h) == DRIFT_BASE_BLOCKS:
                 base = float(np.median(h))
                 denom = max(base, 0.1 * step_med)
                 sigma = max(_robust_sigma((np.array(h) - base) / denom), DRIFT_SIGMA_FLOOR)
                 self.state[layer] = [base, denom, max(DRIFT_K_SIGMA * sigma, DRIFT_MIN / 2),
-                                     max(DRIFT_H_SIGMA * sigma, 8 * DRIFT_MIN), 0.0]
+                                     max(DRIFT_H_SIGMA * sigma, 8 * DRIFT_MIN), 0.0,
+                                     max(3 * sigma, 3 * DRIFT_MIN), max(DRIFT_MIN, 2 * sigma)]
             return None
-        base, denom, k, hh, cs = self.state[layer]
-        z = (v - base) / denom if denom > 0 else 0.0
-        cs = max(0.0, cs + z - k)
+        del h[:-4]  # keep only what the confirmation needs
+        base, denom, k, hh, cs, cap, level = self.state[layer]
+        zs = [(x - base) / denom for x in h]
+        cs = max(0.0, cs + min(zs[-1], cap) - k)
         self.state[layer][4] = cs
         key = ("drift", "all", layer)
-        if cs > hh and key not in self.said:
+        if cs > hh and float(np.median(zs)) >= level and key not in self.said:
             self.said.add(key)
-            return f"{layer} on every rank drifted {z:+.1%} from its early baseline (step {step})"
+            return f"{layer} on every rank drifted {zs[-1]:+.1%} from its early baseline (step {step})"
         return None

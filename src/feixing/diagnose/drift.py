@@ -17,9 +17,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from feixing.diagnose.detect import (DRIFT_BASE_BLOCKS, DRIFT_BLOCK, DRIFT_MIN, DRIFT_WARMUP, LAYER_OF,
-                                     SPIKE_RATIO, SPIKE_RATIO_NOISY, SPIKE_REF, Finding, _robust_sigma, drift_series, drift_test,
-                                     rolling)
+from feixing.diagnose.detect import (
+    DRIFT_BASE_BLOCKS,
+    DRIFT_BLOCK,
+    DRIFT_MIN,
+    DRIFT_WARMUP,
+    LAYER_OF,
+    SPIKE_RATIO,
+    SPIKE_RATIO_NOISY,
+    SPIKE_REF,
+    Finding,
+    _robust_sigma,
+    drift_series,
+    drift_test,
+    rolling,
+)
 
 DRIFT_PHASES = ("data", "forward", "backward", "optimizer", "gc", "comm")
 # signal -> smallest growth worth a finding; on CPU the dispatch canary's CPU time replaces its wall time

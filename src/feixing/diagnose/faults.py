@@ -126,11 +126,7 @@ class FaultInjector:
             k = f.kind
             if k == "slow_rank" and phase in ("forward", "backward"):
                 spin(0.5 * f.magnitude * self._step_base[i])
-            elif k == "slow_data" and phase == "data":
-                wait(f.magnitude * self._step_base[i])
-            elif k == "checkpoint_stall" and phase == "checkpoint":
-                wait(f.magnitude * self._step_base[i])
-            elif k == "slow_link" and phase == "comm":
+            elif (k, phase) in (("slow_data", "data"), ("checkpoint_stall", "checkpoint"), ("slow_link", "comm")):
                 wait(f.magnitude * self._step_base[i])
             elif k == "dispatch_ramp" and phase in _RAMP_PHASES:
                 spin(self._ramp(f, step) * self._phase_base[i].get(phase, 0.0))

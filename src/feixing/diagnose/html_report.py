@@ -41,10 +41,10 @@ def line_plot(title: str, x: np.ndarray, ys: dict[str, np.ndarray], unit: str = 
     def py(v):
         return pad_t + (1 - (min(v, hi) - lo) / (hi - lo)) * (h - pad_t - pad_b)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11"><text x="{pad_l}" y="14" font-weight="bold">{_html.escape(title)}</text>',
-           f'<rect x="{pad_l}" y="{pad_t}" width="{w - pad_l - pad_r}" height="{h - pad_t - pad_b}" '
-           f'fill="none" stroke="#ccc"/>']
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="11"><text x="{pad_l}" y="14" font-weight="bold">{_html.escape(title)}</text>'),
+           (f'<rect x="{pad_l}" y="{pad_t}" width="{w - pad_l - pad_r}" height="{h - pad_t - pad_b}" '
+           f'fill="none" stroke="#ccc"/>')]
     for frac in (0, 0.5, 1):
         v = lo + frac * (hi - lo)
         out.append(f'<text x="{pad_l - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g} {unit}</text>')
@@ -71,9 +71,9 @@ def phase_bars(sig: dict, w: int = 760) -> str:
     total = max(float(sum(med[p][r] for p in phases)) for r in range(n)) or 1.0
     bh, pad_l, pad_r = 16, 60, 130
     h = 30 + n * (bh + 4)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
            f'font-size="11"><text x="{pad_l}" y="14" font-weight="bold">Median phase time per rank '
-           f'(full bar = {total * 1e3:.2f} ms)</text>']
+           f'(full bar = {total * 1e3:.2f} ms)</text>')]
     for r in range(n):
         x, y = pad_l, 24 + r * (bh + 4)
         out.append(f'<text x="{pad_l - 4}" y="{y + 12}" text-anchor="end">rank {r}</text>')
@@ -92,9 +92,9 @@ def phase_bars(sig: dict, w: int = 760) -> str:
 def render_html(findings: list, data) -> str:
     """The whole page: verdict, evidence, step time per rank, phase breakdown, phases and canaries over time."""
     marks = [(f.first_step, f.summary) for f in findings]
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>feixing doctor</title>"
+    parts = [("<!DOCTYPE html><html><head><meta charset='utf-8'><title>feixing doctor</title>"
              "<style>body{font-family:sans-serif;max-width:900px;margin:1em auto}li{margin:.3em 0}"
-             "small{color:#555}</style></head><body><h1>feixing doctor</h1><h2>Verdict</h2>"]
+             "small{color:#555}</style></head><body><h1>feixing doctor</h1><h2>Verdict</h2>")]
     if findings:
         parts.append("<ol>" + "".join(
             f"<li><b>{_html.escape(f.summary)}</b><br><small>{f.kind} · layer {f.layer} · ranks "

@@ -8,7 +8,8 @@ plain floats for the rank's JSONL record:
   sequence comes from events read back at the next canary, so the canary never synchronizes.
 - links: every rank sends to its right ring neighbour and receives from its left one; the time
   until the receive completes is the latency (1 float) and bandwidth (`probe_bytes`) of link
-  left -> self. A slow link therefore shows at the receiving end.
+  left -> self (each exchange after a barrier, so delays do not travel around the ring). A
+  slow link therefore shows at the receiving end.
 - groups: all_reduce latency and bandwidth in each named process group.
 - memory: resident set size (and CUDA allocated / reserved when on CUDA).
 """
@@ -118,7 +119,8 @@ class Canaries:
         rs = dist.isend(send, right)
         rr = dist.irecv(recv, left)
         rr.wait()
-        dt = time.perf_counter() - t0 - (self._sched() - s0)
+        # the injected delay models this rank's *outgoing* link: not part of its incoming one
+        dt = time.perf_counter() - t0 - (self._sched() - s0) - max(delay, 0.0)
         rs.wait()
         return dt
 
@@ -126,9 +128,13 @@ class Canaries:
         if self.world_size < 2:
             return {}
         delay = faults.link_delay(step) if faults is not None else 0.0
-        # No barrier: the first exchange absorbs the ranks' arrival skew; the minimum of five
-        # exchanges is the link's latency (a descheduled receiver inflates some, a slow link all).
-        lat = min(self._ring(self._small, self._small_r, delay) for _ in range(5))
+        # A barrier before each exchange: without it one slow sender delays every later exchange
+        # around the ring, and all links look slow. Minimum of 3: a descheduled peer inflates one.
+        lat = float("inf")
+        for _ in range(3):
+            dist.barrier()
+            lat = min(lat, self._ring(self._small, self._small_r, delay))
+        dist.barrier()
         bw_t = self._ring(self._big, self._big_r, delay)
         return {"link_from": (self.rank - 1) % self.world_size, "link_lat_s": lat,
                 "link_bw_gbs": self._big.numel() * 4 / max(bw_t, 1e-9) / 1e9}

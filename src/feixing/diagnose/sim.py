@@ -49,14 +49,13 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
             torch.cat([p.grad.reshape(-1) for p in params], out=flat)
             if world_size > 1:
                 dist.all_reduce(flat)
-        with tele.phase("optimizer"):
-            with torch.no_grad():
-                off = 0
-                for p in params:
-                    n = p.numel()
-                    p -= 1e-3 / world_size * flat[off:off + n].view_as(p)
-                    p.grad = None
-                    off += n
+        with tele.phase("optimizer"), torch.no_grad():
+            off = 0
+            for p in params:
+                n = p.numel()
+                p -= 1e-3 / world_size * flat[off:off + n].view_as(p)
+                p.grad = None
+                off += n
         if ckpt_every and step % ckpt_every == 0:
             with tele.phase("checkpoint"):
                 torch.save({"w1": w1.detach(), "w2": w2.detach()}, io.BytesIO())

@@ -43,7 +43,7 @@ COMPUTE_PHASES = ("forward", "backward", "optimizer")
 class _Phase:
     """Reusable context manager for one phase name (no generator, no allocation per use)."""
 
-    __slots__ = ("tele", "name", "t0", "c0", "gc0", "ev")
+    __slots__ = ("c0", "ev", "gc0", "name", "t0", "tele")
 
     def __init__(self, tele: Telemetry, name: str):
         self.tele, self.name, self.ev = tele, name, None
@@ -108,6 +108,9 @@ class Telemetry:
         os.makedirs(self.dir, exist_ok=True)
         self.groups = group if isinstance(group, dict) else {"world": group}
         self._cuda = device_type == "cuda" and torch.cuda.is_available()
+        # collectives need tensors on the backend's device (NCCL: CUDA, HCCL: NPU)
+        self._comm_device = torch.device("cuda", torch.cuda.current_device()) if self._cuda \
+            else torch.device(device_type)
         self._phases: dict[str, _Phase] = {}
         self._acc: dict[str, float] = {}
         # On CPU, compute runs on the host: its process CPU time (unlike wall time) does not grow
@@ -126,7 +129,8 @@ class Telemetry:
         self._tele_s = 0.0
         self._tele_total, self._steps = 0.0, 0
         self._hb = Heartbeat()
-        self._file = open(os.path.join(self.dir, f"rank-{rank:05d}.jsonl"), "a")
+        # held open for the run (closed in close()): appends are buffered, one write per flush
+        self._file = open(os.path.join(self.dir, f"rank-{rank:05d}.jsonl"), "a")  # noqa: SIM115
         self.canaries = Canaries(device_type, rank, world_size, self.groups, int(cfg.probe_bytes)) \
             if cfg.canary_interval > 0 or cfg.probe_interval > 0 else None
         self.detector = None
@@ -222,7 +226,7 @@ class Telemetry:
         t0 = perf_counter()
         window = list(self._history)[-self.cfg.detect_interval:]
         vec = torch.tensor([_median([_signal(r, s) for r in window]) for s in ONLINE_SIGNALS],
-                           dtype=torch.float64)
+                           dtype=torch.float64, device=self._comm_device)
         if not (dist.is_available() and dist.is_initialized()):
             return
         out = [torch.empty_like(vec) for _ in range(self.world_size)]
@@ -231,7 +235,7 @@ class Telemetry:
         self._hb.exit()
         gather_s = perf_counter() - t0
         if self.detector is not None:
-            for msg in self.detector.update(step, torch.stack(out).numpy()):
+            for msg in self.detector.update(step, torch.stack(out).cpu().numpy()):
                 log.warning("doctor: %s", msg)
         self._buf.append(json.dumps({"type": "online", "step": step, "gather_s": gather_s,
                                      "cost_s": perf_counter() - t0}) + "\n")

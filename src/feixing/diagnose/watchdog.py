@@ -26,7 +26,7 @@ log = logging.getLogger("feixing.diagnose")
 class Heartbeat:
     """What the training thread updates; plain attributes, so an update costs < 1 us."""
 
-    __slots__ = ("seq", "step", "phase", "open", "t_enter", "recent")
+    __slots__ = ("open", "phase", "recent", "seq", "step", "t_enter")
 
     def __init__(self):
         self.seq, self.step, self.phase, self.open, self.t_enter = 0, None, "", False, time.time()

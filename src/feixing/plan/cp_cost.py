@@ -9,7 +9,8 @@ The model (written out in docs/parallelism.md):
   (S/P)(2H + 2 max(Hkv, U)) d (U-1)/U bytes-per-element per rank; not overlapped with compute;
   over intra-node links when the U ranks share a node, otherwise the inter-node link.
 * ring: R-1 steps, each overlapping the transfer of one KV slice 2 (S/R) max(Hkv,U)/U d
-  with the compute of the previous block: step time = max(compute, transfer) + latency.
+  with the compute of the previous block: step time = max(compute, o * transfer) +
+  (1 - o) * transfer + latency, o = `overlap` (1 on accelerators, 0 for gloo on CPU).
   Backward also returns dK/dV in fp32. Links: intra-node if all P ranks share a node.
 * all-gather KV: one all-gather forward and backward, one reduce-scatter (fp32) backward,
   not overlapped.
@@ -43,6 +44,8 @@ class Cluster:
     tflops: float = 400.0  # attention kernel TFLOP/s at large blocks (bf16)
     n_half: int = 512  # query tokens per block at which the kernel reaches half of `tflops`
     latency_s: float = 20e-6  # per collective / per ring step
+    overlap: float = 1.0  # share of a ring transfer that hides behind compute (1: DMA/NIC
+    # engines copy while the cores compute; 0: the copy competes for the same cores, e.g. gloo on CPU)
 
 
 def valid_degrees(w: Workload, p: int) -> list[tuple[int, int]]:
@@ -86,8 +89,9 @@ def layer_time(w: Workload, c: Cluster, u: int, r: int, mode: str = "ring") -> d
         step_f, step_b = comp_fwd / r, comp_bwd / r
         xfer_f = kv_bytes / bw_r + c.latency_s
         xfer_b = kv_bytes * (1 + 4 / eb) / bw_r + c.latency_s  # KV again + fp32 dK/dV
-        fwd = step_f + (r - 1) * max(step_f, xfer_f)
-        bwd = step_b + (r - 1) * max(step_b, xfer_b)
+        o = c.overlap
+        fwd = step_f + (r - 1) * (max(step_f, o * xfer_f) + (1 - o) * xfer_f)
+        bwd = step_b + (r - 1) * (max(step_b, o * xfer_b) + (1 - o) * xfer_b)
         comm_exposed = fwd + bwd - comp_fwd - comp_bwd
         t_ring = comm_exposed
     elif r > 1:  # all-gather KV: gather fwd, gather + reduce-scatter (fp32) bwd, not overlapped
