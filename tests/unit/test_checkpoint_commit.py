@@ -223,3 +223,22 @@ def test_codec_roundtrip_and_unsupported_types():
     assert back["t"] is state["t"] and back["nested"] == [{"a": (1, [2])}]
     with pytest.raises(CheckpointError, match="'x/f'.*function"):
         encode({"f": lambda: 0}, "x", {})
+
+
+def test_state_that_changes_shape_reallocates_and_still_saves(tmp_path, caplog):
+    ck = Manager(CheckpointConfig(interval=1), str(tmp_path), 0, 1)
+    app = _app()
+    app["extra"] = {"buf": torch.arange(3.0)}
+    _train(ck, app, 1, 1)
+    app["extra"]["buf"] = torch.arange(1000.0)  # a bigger buffer: the staging layout changes
+    with caplog.at_level(logging.WARNING):
+        _train(ck, app, 2, 2)
+    ck.close()
+    assert ck.errors == [] and "reallocating" in caplog.text
+    fresh = _app(seed=4)
+    fresh["extra"] = {}
+    ck2 = Manager(CheckpointConfig(interval=1), str(tmp_path), 0, 1)
+    assert ck2.resume(fresh, "auto") == 2
+    ck2.close()
+    assert torch.equal(fresh["extra"]["buf"], torch.arange(1000.0))
+    _same_state(app, fresh)

@@ -13,9 +13,13 @@ from feixing.distributed.mesh import ParallelDims
 
 def _data_dir(tmp_path):
     d = tmp_path / "data"
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     (d / "meta.json").write_text(json.dumps({"num_tokens": 10}))
     return str(d)
+
+
+# The demo runs hybrid CP 2 x 2; the error-path cases start from plain FSDP on 4 ranks.
+DP4 = ["parallel.dp_shard_degree=4", "parallel.cp_ulysses_degree=1", "parallel.cp_ring_degree=1"]
 
 
 def _write(tmp_path, text):
@@ -112,7 +116,7 @@ def test_valid_demo_config_has_no_problems(tmp_path):
     (["data.tokenizer=/no/such/tokenizer.json"], 4, "no such file"),
 ])
 def test_each_problem_is_reported_with_its_key(tmp_path, overrides, nproc, expected):
-    cfg = config.load("configs/demo.toml", [f"data.path={_data_dir(tmp_path)}", *overrides])
+    cfg = config.load("configs/demo.toml", [f"data.path={_data_dir(tmp_path)}", *DP4, *overrides])
     found = config.problems(cfg, nproc)
     assert any(expected in p for p in found), found
     with pytest.raises(ConfigError, match="problem"):
@@ -146,3 +150,23 @@ def test_parallel_dims_resolve_and_validate():
     cfg.dp_shard_degree = 3
     with pytest.raises(ValueError, match="multiply to 12"):
         ParallelDims.from_config(cfg, 8)
+
+
+def test_automatic_cp_degree_is_resolved_by_the_cost_model(tmp_path):
+    from feixing.plan.auto import resolve_auto_cp
+
+    cfg = config.load("configs/demo.toml", [f"data.path={_data_dir(tmp_path)}", *DP4,
+                                            "parallel.dp_shard_degree=1", "parallel.cp_degree=4"])
+    assert config.problems(cfg, 4) == []
+    resolved = resolve_auto_cp(cfg)
+    p = resolved.parallel
+    assert p.cp_ulysses_degree * p.cp_ring_degree == 4 and p.cp_degree == 0
+    assert 4 % p.cp_ulysses_degree == 0 and p.cp_mode in ("ring", "allgather")
+    assert config.problems(resolved, 4) == []  # the resolved config is valid as written
+    both = config.load("configs/demo.toml", [f"data.path={_data_dir(tmp_path)}",
+                                             "parallel.cp_degree=4"])  # demo sets 2 x 2 too
+    assert any("keep one of them" in x for x in config.problems(both, 4))
+    odd = config.load("configs/demo.toml", [f"data.path={_data_dir(tmp_path)}", *DP4,
+                                            "parallel.dp_shard_degree=1", "parallel.cp_degree=4",
+                                            "data.seq_len=100"])
+    assert any("parallel.cp_degree = 4" in x for x in config.problems(odd, 4))

@@ -278,6 +278,9 @@ class Manager:
             rec["total_s"] = time.perf_counter() - inflight["t0"]
             if ans["op"] == "died":
                 self.writer = None
+            if ans.get("prune_error"):
+                log.warning("checkpoint retention could not delete old checkpoints: %s",
+                            ans["prune_error"])
             if ans.get("ok"):
                 if ans.get("committed"):
                     self.last_committed = ans["committed"]
@@ -412,7 +415,7 @@ class Manager:
             else:
                 obj.clear()
                 obj.update(local[k])
-        if not same and self.rank == 0:
+        if (not same or manifest["layout"] != self.meta["layout"]) and self.rank == 0:
             log.warning("resharding %s: saved on world size %d layout %s, loading on %d layout %s",
                         folder, manifest["world_size"], manifest["layout"], self.world_size,
                         self.meta["layout"])

@@ -166,6 +166,7 @@ class Stager:
         self._error: BaseException | None = None
         self._stream = None
         self._alloc: threading.Thread | None = None
+        self._targets: dict[str, torch.Tensor] = {}
 
     def prepare_async(self, items, then=None) -> None:
         """Allocate (and page in, and pin) the buffer in a thread, ahead of the first save."""
@@ -190,9 +191,13 @@ class Stager:
             return False
         if self.buffer is not None:
             log.warning("checkpoint state changed shape; reallocating the staging buffer")
+            self._targets = {}
             self.buffer.close()
         self.buffer = HostBuffer(layout.nbytes, self.device_type)
         self.layout = layout
+        # Views made once per layout: the staging thread then runs one torch call per tensor,
+        # holding the GIL as little as possible while the loop launches its work.
+        self._targets = {k: self.view(k, host=False) for k in layout.slots}
         return True
 
     def view(self, key: str, host: bool = True) -> torch.Tensor:
@@ -231,14 +236,14 @@ class Stager:
         with torch.no_grad():
             if event is None:
                 for key, src in sources.items():
-                    self.view(key).copy_(src)
+                    self._targets[key].copy_(src)
                 return
             mod = torch.get_device_module(self.device_type)
             pinned = self.buffer.pinned or self.buffer.bounce is not None
             with mod.stream(self._stream):
                 self._stream.wait_event(event)
                 for key, src in sources.items():
-                    self.view(key, host=False).copy_(src, non_blocking=pinned)
+                    self._targets[key].copy_(src, non_blocking=pinned)
             self._stream.synchronize()
             if self.buffer.bounce is not None:
                 self.buffer.tensor.copy_(self.buffer.bounce)
@@ -261,6 +266,7 @@ class Stager:
             self._alloc.join()
             self._alloc = None
         if self.buffer is not None:
+            self._targets = {}
             self.buffer.close()
             self.buffer = None
             self.layout = None

@@ -31,6 +31,19 @@ def problems(cfg: Config, world_size: int, check_data: bool = True) -> list[str]
             out.append(f"{section}.{key} = {value!r}: choose one of {', '.join(allowed)}")
 
     p = cfg.parallel
+    if p.cp_degree < 0:
+        out.append(f"parallel.cp_degree = {p.cp_degree}: must be >= 0 (0 = explicit degrees)")
+    if p.cp_degree > 0 and (p.cp_ulysses_degree != 1 or p.cp_ring_degree != 1):
+        out.append("parallel.cp_degree (automatic split) and the explicit cp_ulysses_degree / "
+                   "cp_ring_degree are both set; keep one of them")
+    elif p.cp_degree > 0:
+        try:
+            from feixing.plan.auto import resolve_auto_cp
+
+            cfg = resolve_auto_cp(cfg)
+            p = cfg.parallel
+        except ValueError as e:
+            out.append(f"parallel.cp_degree = {p.cp_degree}: {e}")
     for key in ("dp_replicate_degree", "cp_ulysses_degree", "cp_ring_degree", "tp_degree"):
         if getattr(p, key) < 1:
             out.append(f"parallel.{key} = {getattr(p, key)}: must be >= 1")

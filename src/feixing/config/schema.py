@@ -43,6 +43,10 @@ class ParallelConfig:
     """Ulysses (all-to-all over heads) context-parallel degree; put it on fast intra-node links."""
     cp_ring_degree: int = 1
     """Ring (point-to-point KV rotation) context-parallel degree; spans nodes."""
+    cp_degree: int = 0
+    """Automatic context parallelism: > 0 lets the cost model (plan/cp_cost.py) split this total degree into cp_ulysses x cp_ring and pick cp_mode; leave the two explicit degrees at 1 then. 0 = use the explicit degrees."""
+    cp_devices_per_node: int = 0
+    """Ranks per node the automatic choice assumes (Ulysses stays inside a node when it can); 0 = LOCAL_WORLD_SIZE, else 8."""
     cp_mode: str = "ring"
     """How the ring dimension exchanges KV: ring (p2p, double-buffered) | allgather (Llama-3 style)."""
     tp_degree: int = 1

@@ -195,7 +195,7 @@ def _bwd_cuda(dout, q, k, v, out, lse, scale, mask):
     lse = torch.where(torch.isinf(lse) & (lse < 0), torch.full_like(lse, float("inf")), lse)
     pad = (sq + 31) // 32 * 32 - sq  # give the kernel the padded lse layout its forward makes
     lse = torch.nn.functional.pad(lse.float(), (0, pad), value=float("inf")).contiguous()
-    t = lambda x: x.transpose(1, 2)  # noqa: E731 - (B,S,H,D) <-> (B,H,S,D)
+    t = lambda x: x.transpose(1, 2)  # (B,S,H,D) <-> (B,H,S,D)
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         t(dout.to(q.dtype)), t(q), t(_expand(k, h)), t(_expand(v, h)), bias, t(out.to(q.dtype)),

@@ -14,6 +14,7 @@ from feixing import config as config_mod
 from feixing import data, distributed, models
 from feixing.config.schema import Config
 from feixing.distributed.mesh import ParallelDims
+from feixing.plan.auto import resolve_auto_cp
 from feixing.train.metrics import Metrics, memory_gb, peak_flops
 from feixing.train.optim import Schedule, build_optimizer
 from feixing.train.state import TrainState
@@ -67,6 +68,7 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
     """The loop inside an initialised process group (tests call this directly, many times)."""
     distributed.env.seed_everything(cfg.run.seed)
     config_mod.check(cfg, env.world_size)
+    cfg = resolve_auto_cp(cfg)
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         _write_resolved_config(cfg, run_dir)

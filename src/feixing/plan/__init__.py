@@ -1,0 +1,1 @@
+"""Planning: the context-parallel cost model and the automatic layout choice."""
