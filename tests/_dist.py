@@ -93,7 +93,7 @@ class DistPool:
                 rank, ok, value = self._results.get(timeout=timeout)
             except queue.Empty:
                 missing = sorted(set(range(self.world_size)) - set(out) - set(errors))
-                self.close()
+                self.close(graceful=False)
                 msg = [f"{fn.__qualname__}: ranks {missing} did not finish in {timeout:.0f} s"]
                 msg += [f"rank {r} failed:\n{t}" for r, t in sorted(errors.items())]
                 raise (AssertionError if errors else TimeoutError)("\n".join(msg)) from None
@@ -104,18 +104,23 @@ class DistPool:
                 # The other ranks may now wait forever in a collective: give them a short grace.
                 timeout = min(self.timeout_s, 20.0)
         if errors:
-            self.close()
+            self.close(graceful=False)
             raise AssertionError("\n".join(f"rank {r} failed:\n{t}" for r, t in sorted(errors.items())))
         return [out[r] for r in range(self.world_size)]
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
+        """Stop the ranks: ask them to leave the group, or kill them (after a failure or hang,
+        when some may be stuck in a collective)."""
+        if not graceful:
+            for p in self._procs:
+                p.kill()
         for q in getattr(self, "_tasks", []):
             try:
                 q.put(None)
             except Exception:  # noqa: BLE001 - queue may be broken after a crash
                 pass
         for p in self._procs:
-            p.join(timeout=5)
+            p.join(timeout=5 if graceful else 1)
             if p.is_alive():
                 p.kill()
                 p.join()

@@ -242,3 +242,13 @@ def test_state_that_changes_shape_reallocates_and_still_saves(tmp_path, caplog):
     ck2.close()
     assert torch.equal(fresh["extra"]["buf"], torch.arange(1000.0))
     _same_state(app, fresh)
+
+
+def test_loading_into_different_app_state_keys_is_a_clear_error(tmp_path):
+    _run(tmp_path, steps=2)
+    app = _app(seed=5)
+    app["data"] = app.pop("loader")  # renamed entry: nothing saved under "data"
+    ck = Manager(CheckpointConfig(interval=2), str(tmp_path), 0, 1)
+    with pytest.raises(CheckpointError, match=r"no saved state for \['data'\]"):
+        ck.resume(app, "auto")
+    ck.close()

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from feixing.checkpoint import commit as C
 from feixing.checkpoint.load import LOCAL, SHARDED, Reader, chunk_of
-from feixing.checkpoint.stage import Stager, encode
+from feixing.checkpoint.stage import Stager, decode, encode
 from feixing.checkpoint.writer import WriterProcess
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Manager:
         self.writer: WriterProcess | None = None
         self._writer_fd = -1
         self._inflight: dict | None = None  # the save whose answer has not come back yet
+        self._prealloc_failed = False
         self.last_committed: str | None = None
         self.errors: list[str] = []
         self.stats: list[dict] = []  # one record per save: blocked_s, wait_s, persist_s, ...
@@ -174,7 +175,7 @@ class Manager:
     def maybe_save(self, step: int, app_state: dict, force: bool = False) -> bool:
         """After optimizer step `step`: save if `step % interval == 0` (or `force`)."""
         if not force and (self.cfg.interval == 0 or step % self.cfg.interval != 0):
-            if self.stager is None and self.cfg.interval > 0:
+            if self.stager is None and self.cfg.interval > 0 and not self._prealloc_failed:
                 self._preallocate(app_state)
             self._poll(block=False)
             return False
@@ -236,6 +237,7 @@ class Manager:
         try:
             _, sources = self._capture(app_state, 0)
         except Exception:  # noqa: BLE001 - the first real save reports it
+            self._prealloc_failed = True  # do not pay for get_state_dict at every step
             return
         self.stager = Stager(self._device_type(sources))
         self.stager.prepare_async([(k, t.dtype, tuple(t.shape)) for k, t in sources.items()],
@@ -395,20 +397,23 @@ class Manager:
             same = manifest["world_size"] == self.world_size
             local = reader.local_state(self.rank if same else 0)
             reader.close()
+            missing = [k for k in [mkey, okey, *others] if k is not None
+                       and k not in (saved if k in (mkey, okey) else local)]
+            if missing:
+                raise C.CheckpointError(f"{folder}: no saved state for {missing} (saved: "
+                                        f"{sorted(saved) + sorted(local)}); app_state keys must "
+                                        "match the run that saved it")
+            msd = decode(saved[mkey], lambda key: targets[key]) if mkey else {}
+            osd = decode(saved[okey], lambda key: targets[key]) if okey else {}
         except Exception as e:  # noqa: BLE001 - raised below on every rank, after agreeing
             error = f"{type(e).__name__}: {e}"
         if not self._all_ok(not error):
             raise C.CheckpointError(f"loading {folder} failed on rank {self.rank}: "
                                     f"{error or 'failed on another rank'}")
-        from feixing.checkpoint.stage import decode
         if mkey is not None:
-            msd = decode(saved[mkey], lambda key: targets[key])
-            osd = decode(saved[okey], lambda key: targets[key]) if okey else {}
             set_state_dict(app_state[mkey], [app_state[okey]] if okey else [],
                            model_state_dict=msd, optim_state_dict=osd)
         for k in others:
-            if k not in local:
-                raise C.CheckpointError(f"{folder}: no state for {k!r} (saved: {sorted(local)})")
             obj = app_state[k]
             if hasattr(obj, "load_state_dict"):
                 obj.load_state_dict(local[k])

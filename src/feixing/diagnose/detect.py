@@ -29,7 +29,8 @@ import numpy as np
 
 LAYER_OF = {"data": "data", "forward": "compute", "backward": "compute", "optimizer": "compute",
             "compute": "compute", "comm": "communication", "checkpoint": "checkpoint", "gc": "gc",
-            "dispatch_s": "dispatch", "dispatch_cpu_s": "dispatch", "dispatch_ratio": "dispatch", "rss_mb": "memory", "link_lat_s": "communication"}
+            "dispatch_s": "dispatch", "dispatch_cpu_s": "dispatch", "rss_mb": "memory",
+            "link_lat_s": "communication"}
 
 # Tuned on clean 4-rank runs of the evaluation loop on a shared 2-core machine, where other
 # processes make one rank's compute up to ~2x slower for 10-20 steps at a time.

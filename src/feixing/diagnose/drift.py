@@ -36,8 +36,9 @@ from feixing.diagnose.detect import (
 DRIFT_PHASES = ("data", "forward", "backward", "optimizer", "gc", "comm")
 # signal -> smallest growth worth a finding; on CPU the dispatch canary's CPU time replaces its wall time
 CANARY_DRIFT = {"dispatch_s": DRIFT_MIN, "rss_mb": 0.10}
-COMM_DRIFT_MIN = 0.10  # exposed comm wait mostly mirrors everyone else's noise: report only large growth
-CANARY_FLOOR = 4  # canaries in the rolling minimum a canary drift is tested on  # signal -> smallest growth worth a finding
+COMM_DRIFT_MIN = 0.25  # exposed comm wait mirrors everyone else's noise: only large growth
+RANK_DRIFT_MIN = 0.03  # one rank alone: more series, more noise; smaller ones surface as stragglers
+CANARY_FLOOR = 4  # canaries in the rolling minimum a canary drift is tested on
 _WHAT = {"data": "waiting for data", "compute": "compute time", "dispatch": "host dispatch latency",
          "gc": "GC pause time", "communication": "exposed communication wait", "memory": "resident memory"}
 
@@ -71,7 +72,7 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
             if res is not None:
                 alarm, start, z, _ = res
                 final = float(np.nanmedian(z[-3:]))
-                if final >= (COMM_DRIFT_MIN if name == "comm" else DRIFT_MIN):
+                if final >= (COMM_DRIFT_MIN if name == "comm" else DRIFT_MIN if scope == "all" else RANK_DRIFT_MIN):
                     # offline, a slowdown that went away again is not a drift
                     raw.append((scope, LAYER_OF[name], name, int(bsteps[start] - DRIFT_BLOCK + 1),
                                 int(bsteps[alarm]), final))
@@ -94,7 +95,7 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
             if res is not None:
                 alarm, start, z, _ = res
                 final = float(np.nanmedian(z[-3:]))
-                if final >= floor:
+                if final >= (floor if scope == "all" else max(floor, RANK_DRIFT_MIN)):
                     raw.append((scope, LAYER_OF[name], name, int(cs[start]), int(cs[alarm]), final))
     return _merge_drifts(raw, can_final, steps)
 
@@ -132,46 +133,47 @@ def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray) -> list[Finding
 
 
 def find_spikes(steps: np.ndarray, sig: dict) -> list[Finding]:
-    st = np.nanmedian(sig["step"], axis=0)
+    """Slow steps explained by a known event, one finding per (event, ranks that caused it)."""
+    # The job's step is its slowest rank's: a rank that stalls makes its own step long at once,
+    # while its peers only wait for it in their next step's collective.
+    st = np.nanmax(sig["step"], axis=0)
     ref = np.concatenate([[np.nan], rolling(st, SPIKE_REF)[:-1]])
     for t in range(5, min(SPIKE_REF + 1, st.size)):  # early steps: median of what exists so far
         ref[t] = np.nanmedian(st[:t])
     spikes = np.flatnonzero(st > SPIKE_RATIO * ref)
-    groups: dict[str, list] = {}
+    groups: dict[tuple, list] = {}
     unexplained = 0
     for t in spikes:
         excess = st[t] - ref[t]
-        best, best_v, ranks = None, 0.0, []
+        best, best_v, ranks = None, 0.0, ()
         for name in ("checkpoint", "gc", "data"):
             if name not in sig:
                 continue
-            col = sig[name][:, t]
-            base = 0.0 if name == "checkpoint" else np.nanmedian(sig[name][:, max(t - SPIKE_REF, 0):t]) \
-                if t > 0 else 0.0
-            e = np.nan_to_num(col - (base if np.isfinite(base) else 0.0))
+            base = 0.0 if name == "checkpoint" or t == 0 else np.nanmedian(sig[name][:, max(t - SPIKE_REF, 0):t])
+            e = np.nan_to_num(sig[name][:, t] - (base if np.isfinite(base) else 0.0))
             if e.max() > best_v:
-                best, best_v, ranks = name, float(e.max()), list(np.flatnonzero(e >= 0.5 * e.max()))
-        if best is None or best_v < 0.5 * excess or (best != "checkpoint" and st[t] < SPIKE_RATIO_NOISY * ref[t]):
+                best, best_v, ranks = name, float(e.max()), tuple(int(r) for r in np.flatnonzero(e >= 0.5 * e.max()))
+        noisy = best != "checkpoint" and st[t] < SPIKE_RATIO_NOISY * ref[t]
+        if best is None or best_v < 0.5 * excess or noisy:
             unexplained += 1
             continue
-        groups.setdefault(best, []).append((int(steps[t]), excess / ref[t], ranks, best_v))
+        groups.setdefault((best, ranks), []).append((int(steps[t]), excess / ref[t], best_v))
     out = []
-    for name, items in groups.items():
+    for (name, ranks), items in groups.items():
         mags = [i[1] for i in items]
         if name != "checkpoint" and len(items) < 2 and max(mags) < 2.0:
             continue  # one small gc or data hiccup is noise, not a finding
-        ranks = sorted({int(r) for i in items for r in i[2]})
         at = ", ".join(str(i[0]) for i in items[:6]) + (" ..." if len(items) > 6 else "")
         what = {"checkpoint": "checkpoint blocking", "gc": "GC pauses", "data": "data waits"}[name]
         mag = float(np.median(mags))
         summ = (f"{what} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} made "
                 f"{len(items)} step{'s' if len(items) > 1 else ''} {1 + mag:.1f}x slower than normal "
                 f"(steps {at})")
-        ev = [f"step {s}: +{m:.0%} of a step, {v * 1e3:.1f} ms in {name}" for s, m, _, v in items[:10]]
+        ev = [f"step {s}: +{m:.0%} of a step, {v * 1e3:.1f} ms in {name}" for s, m, v in items[:10]]
         if unexplained:
             ev.append(f"{unexplained} other slow step(s) had no known cause (machine noise)")
-        out.append(Finding("spike", LAYER_OF[name], ranks, items[0][0], round(mag, 3), summ, items[0][0], ev))
-    return out
+        out.append(Finding("spike", LAYER_OF[name], list(ranks), items[0][0], round(mag, 3), summ, items[0][0], ev))
+    return sorted(out, key=lambda f: f.first_step)
 
 
 def combine(stragglers: list[Finding], links: list[Finding], drifts: list[Finding],

@@ -8,7 +8,7 @@ starts, so that a fault does not compound on itself:
 | kind             | where                                | delay per step                          |
 |------------------|--------------------------------------|-----------------------------------------|
 | slow_rank        | forward, backward (half each), busy  | magnitude x recent step time             |
-| dispatch_ramp    | compute phases + dispatch canary, busy | f x that phase's baseline, f = magnitude x (step - start) / 100 |
+| dispatch_ramp    | compute phases + dispatch canary, busy | f x the phase's baseline, f = mag x (step-start)/100 |
 | slow_link        | comm phase + ring probe send         | magnitude x recent step time, per message |
 | slow_data        | data                                 | magnitude x recent step time             |
 | gc_storm         | forward (a full gc.collect over ballast sized for magnitude x step) | measured as GC pause |
