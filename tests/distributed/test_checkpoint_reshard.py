@@ -96,7 +96,7 @@ def test_reshard_4_to_2_and_2_to_4(pool4, pool2, tmp_path):
         assert step == 4
         _assert_same(saved4[0], full, loader_rank=0)  # other world size: rank 0's loader state
     loaded4 = pool4.run(_load, b)
-    for r, (step, full) in enumerate(loaded4):
+    for step, full in loaded4:
         assert step == 4
         _assert_same(saved2[0], full, loader_rank=0)
     for r, (_, full) in enumerate(pool4.run(_load, a)):
@@ -123,6 +123,7 @@ def _kill_writer_mid_save(rank, world_size, run_dir):
         os.kill(ck.writer.pid, signal.SIGSTOP)
     _steps(ck, app, rank, 3, 4)
     if rank == 1:
+        ck.stager.wait()  # the step-4 job is now in the frozen writer's input
         os.kill(ck.writer.pid, signal.SIGKILL)
     ck.flush()  # rank 1: writer died; rank 0: rank 1's part never came, commit times out
     errors = list(ck.errors)

@@ -1,4 +1,5 @@
-"""End to end on 4 gloo ranks: a training-like loop with Telemetry; the doctor names a slow rank, stays quiet on a clean run, names a hung rank."""
+"""End to end on 4 gloo ranks, a training-like loop with Telemetry: the doctor names a slow rank
+and its layer, stays quiet about stragglers and drifts on a clean run, and names a hung rank."""
 
 import json
 

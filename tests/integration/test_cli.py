@@ -56,7 +56,8 @@ def test_train_resume_generate(data_dir, tmp_path):
     gen = feixing("generate", "--run", str(run), "--prompt", "def f(", "--max-new-tokens", "20")
     assert gen.stdout.startswith("def f(") and len(gen.stdout) > len("def f(")
 
-    doctor = feixing("doctor", str(run), "--json")
+    doctor = feixing("doctor", str(run), "--json", check=False)
+    assert doctor.returncode in (0, 1), doctor.stderr  # 1 = findings (a loaded CI machine may have some)
     assert isinstance(json.loads(doctor.stdout)["findings"], list)
 
 

@@ -72,9 +72,9 @@ def test_slow_rank_named_with_layer_and_onset(tmp_path):
 
 
 def test_slow_data_and_gc_storm_layers(tmp_path):
-    d = write_run(str(tmp_path / "a"), extra=lambda r, s: {"data": 0.003} if r == 1 and s >= 100 else {})
+    d = write_run(str(tmp_path / "a"), steps=160, extra=lambda r, s: {"data": 0.003} if r == 1 and s >= 100 else {})
     assert ("straggler", "data", (1,)) in kinds(diagnose_run(d))
-    d = write_run(str(tmp_path / "b"), extra=lambda r, s: {"gc": 0.004} if r == 3 and s >= 100 else {})
+    d = write_run(str(tmp_path / "b"), steps=160, extra=lambda r, s: {"gc": 0.004} if r == 3 and s >= 100 else {})
     assert ("straggler", "gc", (3,)) in kinds(diagnose_run(d))
 
 

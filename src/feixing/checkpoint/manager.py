@@ -269,7 +269,8 @@ class Manager:
         """Collect the writer's answers; with block=True wait until no save is in flight."""
         t0 = time.perf_counter()
         while self._inflight is not None and self.writer is not None:
-            ans = self.writer.get(timeout=None if block else 0)
+            writer = self.writer
+            ans = writer.get(timeout=None if block else 0)
             if ans is None:
                 break
             if ans["op"] not in ("done", "died"):
@@ -278,7 +279,7 @@ class Manager:
             rec = next((r for r in reversed(self.stats) if r["step"] == inflight["step"]), {})
             rec.update({k: ans[k] for k in ("persist_s", "commit_s") if k in ans})
             rec["total_s"] = time.perf_counter() - inflight["t0"]
-            if ans["op"] == "died":
+            if ans["op"] == "died" and self.writer is writer:
                 self.writer = None
             if ans.get("prune_error"):
                 log.warning("checkpoint retention could not delete old checkpoints: %s",

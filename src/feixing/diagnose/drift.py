@@ -97,7 +97,7 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
                 final = float(np.nanmedian(z[-3:]))
                 if final >= (floor if scope == "all" else max(floor, RANK_DRIFT_MIN)):
                     raw.append((scope, LAYER_OF[name], name, int(cs[start]), int(cs[alarm]), final))
-    return _merge_drifts(raw, can_final, steps)
+    return _merge_drifts(raw, can_final, steps, n_ranks)
 
 
 def _floor(x: np.ndarray, w: int) -> np.ndarray:
@@ -108,13 +108,22 @@ def _floor(x: np.ndarray, w: int) -> np.ndarray:
     return out
 
 
-def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray) -> list[Finding]:
+def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray, n_ranks: int) -> list[Finding]:
+    """One finding per (scope, layer). On CPU host dispatch is part of compute, so a compute drift
+    goes under dispatch when the dispatch canary also rose (at least half as much) or drifted at
+    the same scope. A layer drifting on most ranks alone is a drift on every rank."""
+    scopes_of = {}
+    for scope, layer, *_ in raw:
+        scopes_of.setdefault(layer, set()).add(scope)
     by = {}
     for scope, layer, name, first, det, final in raw:
         if layer == "compute":
             disp = max(can_final.get((scope, "dispatch_s"), 0.0), can_final.get((scope, "dispatch_cpu_s"), 0.0))
-            if disp >= max(0.5 * final, DRIFT_MIN / 2):
+            if disp >= max(0.5 * final, DRIFT_MIN / 2) or scope in scopes_of.get("dispatch", ()):
                 layer = "dispatch"
+        ranks_here = scopes_of.get(layer, set()) - {"all"}
+        if scope != "all" and 2 * len(ranks_here) > n_ranks:
+            name, scope = f"{name} (rank {scope})", "all"  # most ranks drift alike: the cluster drifts
         by.setdefault((scope, layer), []).append((name, first, det, final))
     out = []
     for (scope, layer), items in by.items():

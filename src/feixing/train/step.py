@@ -54,12 +54,13 @@ def train_step(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
     gradients over the `grad_ranks` ranks it reduces across, so each rank's backward uses
     loss * grad_ranks to turn that average back into the sum. Returns (result, finite);
     the caller steps the optimizer only when finite. `phase(name)` is a context manager that
-    times "forward" and "backward" (telemetry).
+    times "forward", "backward" and the exposed "comm" waits (telemetry).
     """
     local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
     device = micro_batches[0]["tokens"].device
     counts = torch.tensor([float(local_tokens)], device=device, dtype=torch.float64)
-    dist.all_reduce(counts, group=group)
+    with phase("comm"):
+        dist.all_reduce(counts, group=group)
     global_tokens = max(1.0, counts.item())
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for mb in micro_batches:
@@ -70,8 +71,9 @@ def train_step(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
         with phase("backward"):
             (mb_loss * (grad_ranks / global_tokens)).backward()
         loss_sum += mb_loss.detach().double()
-    dist.all_reduce(loss_sum, group=group)
-    loss = (loss_sum / global_tokens).item()
-    norm = grad_norm_and_clip([p for p in model.parameters() if p.requires_grad], max_norm).item()
+    with phase("comm"):
+        dist.all_reduce(loss_sum, group=group)
+        loss = (loss_sum / global_tokens).item()
+        norm = grad_norm_and_clip([p for p in model.parameters() if p.requires_grad], max_norm).item()
     finite = math.isfinite(loss) and math.isfinite(norm)
     return StepResult(loss, norm, int(global_tokens), not finite), finite

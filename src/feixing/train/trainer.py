@@ -125,7 +125,8 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
             result, finite = train_step(model, mbs, grad_ranks, cfg.optim.grad_clip,
                                         phase=tele.phase)
             if finite:
-                ckpt.wait_staging()  # the optimizer must not change params a save still copies
+                with tele.phase("checkpoint"):  # the optimizer must not change params a save copies
+                    ckpt.wait_staging()
                 with tele.phase("optimizer"):
                     optimizer.step()
                 state.consecutive_skips = 0
