@@ -20,6 +20,11 @@ def _train(a: argparse.Namespace) -> int:
     from feixing.distributed import launch
 
     cfg = config.load(a.config, a.set)
+    if not a.nproc and not launch.launched():
+        a.nproc = launch.processes_needed(cfg.parallel)
+        if a.nproc > 1:
+            print(f"feixing train: the parallel degrees in {a.config} need {a.nproc} processes; "
+                  f"starting {a.nproc} local ones (--nproc N chooses)", file=sys.stderr)
     if a.nproc and a.nproc > 1 and not launch.launched():
         config.check(cfg, a.nproc)  # fail fast, before starting any process
         argv = ["train", "--config", a.config, "--resume", a.resume]
@@ -102,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "rank of a torchrun/srun job)")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=0,
-                   help="start this many local processes through torchrun")
+                   help="start this many local processes through torchrun (default: as many as "
+                        "the config's fixed parallel degrees need, else 1)")
     p.add_argument("--resume", default="none",
                    help="none | auto (newest valid checkpoint in run.dir) | PATH")
     p.set_defaults(fn=_train)

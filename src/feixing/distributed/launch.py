@@ -14,6 +14,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def processes_needed(p) -> int:
+    """World size a ParallelConfig fixes by itself (dp_shard_degree = -1 counts as 1)."""
+    cp = p.cp_degree if p.cp_degree > 0 else p.cp_ulysses_degree * p.cp_ring_degree
+    return p.dp_replicate_degree * max(1, p.dp_shard_degree) * cp * p.tp_degree
+
+
 def launched() -> bool:
     """True inside a torchrun/srun job (this process is one rank of it)."""
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
