@@ -170,3 +170,9 @@ def test_automatic_cp_degree_is_resolved_by_the_cost_model(tmp_path):
                                             "parallel.dp_shard_degree=1", "parallel.cp_degree=4",
                                             "data.seq_len=100"])
     assert any("parallel.cp_degree = 4" in x for x in config.problems(odd, 4))
+
+
+def test_numbers_widen_but_never_truncate():
+    assert config.load(None, ["optim.lr=1"]).optim.lr == 1.0  # int -> float is lossless
+    with pytest.raises(ConfigError, match="train.steps: expected int"):
+        config.load(None, ["train.steps=2.5"])

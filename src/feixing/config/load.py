@@ -46,20 +46,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif tp in (int, float):
+        # ints widen to floats; floats never silently truncate to ints
+        allowed = (int,) if tp is int else (int, float)
+        if isinstance(value, allowed) and not isinstance(value, bool):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return tp(value)
             except ValueError:
                 pass
     elif tp is str:
