@@ -1,4 +1,5 @@
-"""How fast is each context-parallel mode (ulysses, ring, all-gather-KV, hybrid) per attention layer, and how many bytes does it send, on gloo/CPU; and yunchang on the same inputs.
+"""Per-layer time and bytes of each CP mode (ulysses, ring, all-gather-KV, hybrid) on gloo/CPU;
+and yunchang on the same inputs.
 
 Run (2-core CPU, gloo):
     PYTHONPATH=src .venv/bin/python benchmarks/context_parallel.py --world 4 8 --seqs 1024 2048 4096

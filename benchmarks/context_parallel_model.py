@@ -1,4 +1,5 @@
-"""At cluster scale (64 devices, 8 per node, 128K-1M tokens, Llama-3 8B/70B GQA shapes), which CP layout does the cost model predict fastest, and by how much does the hybrid beat the best pure mode?
+"""Modelled at cluster scale (64 devices, 8 per node, 128K-1M tokens, Llama-3 8B/70B GQA):
+which CP layout is fastest, and by how much does the hybrid beat the best pure mode?
 
 Run:
     PYTHONPATH=src .venv/bin/python benchmarks/context_parallel_model.py

@@ -47,10 +47,10 @@ def attention_timing(seq_lens: list[int]) -> list[dict]:
         v = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
 
-        def ours():
+        def ours(q=q, k=k, v=v, dout=dout):
             attention(q, k, v, causal=True, backend="cuda").backward(dout)
 
-        def sdpa():
+        def sdpa(q=q, k=k, v=v, dout=dout):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                  v.transpose(1, 2), is_causal=True, enable_gqa=True)
             out.transpose(1, 2).backward(dout)

@@ -1,4 +1,4 @@
-"""Shared case runner for the context-parallel distributed tests: build inputs, run CP and the reference, return errors."""
+"""Case runner for the context-parallel tests: build inputs, run CP and the reference, return errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Context-parallel attention equals the single-process fp64 reference (out, lse, dq, dk, dv) for every U x R with U*R in {2, 4, 8}."""
+"""CP attention == the single-process fp64 reference (out, lse, dq, dk, dv) for every U x R, U*R in {2, 4, 8}."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Context parallelism on 4 ranks: bytes sent match DESIGN.md's formulas, collective order is identical on every rank, errors come before any communication, shard/gather round-trip."""
+"""CP on 4 ranks: bytes match DESIGN.md's formulas, collective order is the same on every rank,
+errors come before any communication, shard/gather round-trip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attention backends with lse: cpu_flash == reference for out, lse and gradients, including empty rows and global-lse block gradients."""
+"""Attention backends with lse: cpu_flash == reference for out, lse and gradients (empty rows, global lse)."""
 
 from __future__ import annotations
 

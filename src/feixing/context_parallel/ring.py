@@ -110,9 +110,9 @@ def _forward_block(plan, q, kv, src, acc_out, acc_lse, hk):
             if plan.state[qc][kc] == "none":
                 continue
             blk = kv[:, kh * L:(kh + 1) * L]
-            o, l = block_forward(q[:, qh * L:(qh + 1) * L], blk[:, :, :hk], blk[:, :, hk:],
+            o, o_lse = block_forward(q[:, qh * L:(qh + 1) * L], blk[:, :, :hk], blk[:, :, hk:],
                                  scale=plan.scale, mask=plan.mask(qc, kc, q.device), backend=plan.backend)
-            _merge(acc_out[:, qh * L:(qh + 1) * L], acc_lse[:, :, qh * L:(qh + 1) * L], o, l)
+            _merge(acc_out[:, qh * L:(qh + 1) * L], acc_lse[:, :, qh * L:(qh + 1) * L], o, o_lse)
 
 
 def _backward_block(plan, dout, q, out, lse, kv, src, dq, dkv, hk):

@@ -198,7 +198,8 @@ def _tokenizer_fingerprint(spec: str) -> str:
     path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"tokenizer file {path!r} (data.tokenizer) does not exist; set data.tokenizer to 'byte' or a HF tokenizer.json"
+            f"tokenizer file {path!r} (data.tokenizer) does not exist; "
+            "set data.tokenizer to 'byte' or a HF tokenizer.json"
         )
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()

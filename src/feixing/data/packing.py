@@ -82,7 +82,8 @@ def open_dataset(path: str) -> TokenData:
         raise ValueError(f"{meta_path} is not valid JSON ({e}); {prepare_hint(path)}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{meta_path} has format_version {meta.get('format_version')}, this feixing reads {FORMAT_VERSION}; {prepare_hint(path)}"
+            f"{meta_path} has format_version {meta.get('format_version')}, "
+            f"this feixing reads {FORMAT_VERSION}; {prepare_hint(path)}"
         )
     dtype = np.dtype(meta["dtype"])
     shards, starts, offsets = [], [], [0]

@@ -94,7 +94,8 @@ def _documents(path: str):
                     rec = json.loads(line)
                 except ValueError as e:
                     raise ValueError(
-                        f"{path}:{lineno}: not valid JSON ({e}); each line of a .jsonl input must be an object with a 'text' field"
+                        f"{path}:{lineno}: not valid JSON ({e}); each line of a .jsonl input "
+                        "must be an object with a 'text' field"
                     ) from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                     raise TypeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from feixing.config.schema import ParallelConfig

@@ -1,4 +1,5 @@
-"""Attention backends that return the log-sum-exp (block forward + closed-form block backward), and the model-facing dispatch.
+"""Attention backends that return the log-sum-exp (block forward + closed-form block backward),
+and the model-facing dispatch.
 
 Every backend implements two block kernels with one contract, so context parallelism can call
 them on any (query block, key block) pair with *global* token indices:

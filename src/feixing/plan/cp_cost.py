@@ -1,4 +1,4 @@
-"""Cost model of one attention layer (forward + backward) under context parallelism, and the `auto` choice of (U, R, mode).
+"""Cost model of one attention layer (fwd + bwd) under context parallelism; `auto` picks (U, R, mode).
 
 The model (written out in docs/parallelism.md):
 
