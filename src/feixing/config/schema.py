@@ -103,6 +103,8 @@ class TrainConfig:
     """What to do on a NaN/inf loss or gradient norm: skip (drop the step, warn) | stop (raise)."""
     max_skipped_steps: int = 10
     """Stop after this many consecutive skipped steps even in skip mode."""
+    warmup_pass: bool = True
+    """Before the first step, run one forward/backward on a dummy batch (no update): communicators, FSDP buffers and kernels are set up eagerly, so neither a start nor a resume has slow first steps."""
 
 
 @dataclass

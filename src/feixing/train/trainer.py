@@ -115,6 +115,8 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
                       model.num_flops_per_token(cfg.data.seq_len), peak, env.world_size,
                       tensorboard=cfg.metrics.tensorboard)
     grad_ranks = dims.dp * dims.cp  # ranks FSDP averages gradients over
+    if cfg.train.warmup_pass:
+        _warm_up(model, loader.micro_batch_size, cfg.data.seq_len, env, cp)
     last = {"loss": float("nan"), "steps": 0}
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
@@ -151,6 +153,19 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
         tele.close()
         metrics.close()
     return {"last_loss": last["loss"], "steps_run": last["steps"], "final_step": state.step}
+
+
+def _warm_up(model, batch: int, seq_len: int, env, cp) -> None:
+    """One forward/backward on a dummy batch, then drop the gradients: FSDP's lazy init, every
+    communicator the step uses (gloo pairs, NCCL/HCCL comms) and the allocator are set up here,
+    outside the timed steps. Changes no parameter, optimizer, data or RNG state."""
+    t0 = time.perf_counter()
+    zeros = torch.zeros(batch, seq_len, dtype=torch.long)
+    mb = _to_device({"tokens": zeros, "labels": zeros, "document_ids": zeros,
+                     "positions": torch.arange(seq_len).expand(batch, seq_len)}, env.device, cp)
+    train_step(model, [mb], grad_ranks=1, max_norm=0.0)
+    model.zero_grad(set_to_none=True)
+    log.info("warm-up pass (communicators, buffers, kernels): %.2f s", time.perf_counter() - t0)
 
 
 def _layout(dims: ParallelDims) -> dict:

@@ -1,0 +1,64 @@
+"""Do the first steps after a resume run at steady-state speed? (with and without the warm-up pass)
+
+For each setting: train the demo for 30 steps with a checkpoint at step 20, resume to step 50,
+then compare the mean step time of the first 10 steps after the resume (21-30) with steady
+state (steps 41-50 of the same resumed process). Prints a table, writes
+benchmarks/results/resume_rampup.json. Run from the repository root:
+
+    PYTHONPATH=src python benchmarks/resume_rampup.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(run: Path, steps: int, warmup: bool, resume: str, data: str) -> None:
+    cmd = [sys.executable, "-m", "feixing", "train", "--config", "configs/demo.toml", "--nproc", "4",
+           "--set", f"run.dir={run}", "--set", f"data.path={data}", "--set", f"train.steps={steps}",
+           "--set", "metrics.log_interval=1", "--set", "checkpoint.interval=20",
+           "--set", f"train.warmup_pass={str(warmup).lower()}", "--resume", resume]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+
+
+def main() -> int:
+    data = str(ROOT / "data" / "demo")
+    if not (Path(data) / "meta.json").is_file():
+        raise SystemExit("run `make prepare-demo` first")
+    rows = []
+    for warmup in (False, True):
+        run = Path(tempfile.mkdtemp(prefix="rampup-"))
+        _train(run, 30, warmup, "none", data)
+        shutil.rmtree(run / "checkpoints" / "step-00000030", ignore_errors=True)  # resume at 20
+        _train(run, 50, warmup, "auto", data)
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        resumed = [r for r in recs[30:]]  # records written by the resumed process
+        first = [r["step_time_s"] for r in resumed if 21 <= r["step"] <= 30]
+        steady = [r["step_time_s"] for r in resumed if 41 <= r["step"] <= 50]
+        first_step = resumed[0]["step_time_s"]
+        rows.append({"warmup_pass": warmup, "first_step_s": first_step,
+                     "first10_mean_s": sum(first) / len(first), "steady_mean_s": sum(steady) / len(steady),
+                     "first_step_ratio": first_step / (sum(steady) / len(steady)),
+                     "first10_ratio": sum(first) / len(first) / (sum(steady) / len(steady))})
+        shutil.rmtree(run, ignore_errors=True)
+    print(f"{'warm-up pass':<13} {'1st step s':>10} {'steps 21-30 s':>13} {'steps 41-50 s':>13} "
+          f"{'1st/steady':>10} {'21-30/steady':>12}")
+    for r in rows:
+        print(f"{str(r['warmup_pass']):<13} {r['first_step_s']:>10.3f} {r['first10_mean_s']:>13.3f} "
+              f"{r['steady_mean_s']:>13.3f} {r['first_step_ratio']:>10.2f} {r['first10_ratio']:>12.2f}")
+    out = ROOT / "benchmarks" / "results" / "resume_rampup.json"
+    out.write_text(json.dumps({"machine": os.uname().nodename, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
