@@ -67,6 +67,9 @@ LAYOUTS = {
 def test_losses_equal_across_layouts(pool1, pool2, pool4, data_dir, tmp_path):
     ref = pool1.run(_train, data_dir, str(tmp_path / "r1"), ["parallel.dp_shard_degree=1"])[0]
     assert len(ref) == STEPS and ref[-1] < ref[0]  # it trains
+    cold = pool1.run(_train, data_dir, str(tmp_path / "r1c"), ["parallel.dp_shard_degree=1",
+                                                               "train.warmup_pass=false"])[0]
+    assert cold == ref  # the warm-up pass changes no state: bit-identical losses
     dp2 = pool2.run(_train, data_dir, str(tmp_path / "r2"), ["parallel.dp_shard_degree=2"])[0]
     accum = pool2.run(_train, data_dir, str(tmp_path / "r2a"), ["parallel.dp_shard_degree=2",
                                                                 "data.grad_accum_steps=2"])[0]
