@@ -160,6 +160,23 @@ def _wait(reqs) -> None:
         r.wait()
 
 
+def _accumulators(q):
+    """Zeroed fp32 (fp64 for fp64 inputs) out (B, S, hq, d) and lse = -inf (B, hq, S) to merge into."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    acc_out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    acc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+    return acc_out, acc_lse
+
+
+def _finish_forward(ctx, q, kv, plan, acc_out, acc_lse):
+    """Cast the merged output, keep what backward needs, and mark lse as not differentiable."""
+    out = acc_out.to(q.dtype)
+    ctx.save_for_backward(q, kv, out, acc_lse)
+    ctx.plan = plan
+    ctx.mark_non_differentiable(acc_lse)
+    return out, acc_lse
+
+
 class RingAttention(torch.autograd.Function):
     """q (B, 2L, hq, d), kv (B, 2L, 2hk, d) -> out (B, 2L, hq, d), lse (B, hq, 2L) fp32.
 
@@ -169,9 +186,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, plan: RingPlan):
         hk = kv.shape[2] // 2
-        acc = torch.promote_types(q.dtype, torch.float32)
-        acc_out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        acc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        acc_out, acc_lse = _accumulators(q)
         R, j = plan.ring, plan.j
         pending = _post_kv(plan, kv, 1, "fwd") if R > 1 else None
         _forward_block(plan, q, kv, j, acc_out, acc_lse, hk)
@@ -182,11 +197,7 @@ class RingAttention(torch.autograd.Function):
                 pending = _post_kv(plan, kv, t + 1, "fwd")
             if buf is not None:
                 _forward_block(plan, q, buf, (j - t) % R, acc_out, acc_lse, hk)
-        out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, kv, out, acc_lse)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(acc_lse)
-        return out, acc_lse
+        return _finish_forward(ctx, q, kv, plan, acc_out, acc_lse)
 
     @staticmethod
     def backward(ctx, dout, _dlse):
@@ -244,19 +255,13 @@ class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, plan: RingPlan):
         hk = kv.shape[2] // 2
-        acc = torch.promote_types(q.dtype, torch.float32)
-        acc_out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        acc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        acc_out, acc_lse = _accumulators(q)
         parts = AllGatherAttention._gather(plan, kv, "fwd")
         for t in range(plan.ring):  # same source order as the ring, so rounding matches it
             src = (plan.j - t) % plan.ring
             if plan.needs[plan.j][src]:
                 _forward_block(plan, q, parts[src], src, acc_out, acc_lse, hk)
-        out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, kv, out, acc_lse)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(acc_lse)
-        return out, acc_lse
+        return _finish_forward(ctx, q, kv, plan, acc_out, acc_lse)
 
     @staticmethod
     def backward(ctx, dout, _dlse):
@@ -264,12 +269,13 @@ class AllGatherAttention(torch.autograd.Function):
         plan = ctx.plan
         hk, R, j = kv.shape[2] // 2, plan.ring, plan.j
         parts = AllGatherAttention._gather(plan, kv, "bwd")
+        dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
         dkv_all = torch.zeros((R, *kv.shape), dtype=lse.dtype, device=q.device)
         for t in range(R):
             src = (j - t) % R
             if plan.needs[j][src]:
-                _backward_block(plan, dout.contiguous(), q, out, lse, parts[src], src, dq, dkv_all[src], hk)
+                _backward_block(plan, dout, q, out, lse, parts[src], src, dq, dkv_all[src], hk)
         nbytes = dkv_all.numel() * dkv_all.element_size()
         if dist.get_backend(plan.group) == "gloo":
             plan.counter.record("all_reduce", "bwd", 2 * nbytes * (R - 1) // R, "dkv")
@@ -293,15 +299,9 @@ class _Local(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, plan):
         hk = kv.shape[2] // 2
-        acc = torch.promote_types(q.dtype, torch.float32)
-        acc_out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        acc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        acc_out, acc_lse = _accumulators(q)
         _forward_block(plan, q, kv, 0, acc_out, acc_lse, hk)
-        out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, kv, out, acc_lse)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(acc_lse)
-        return out, acc_lse
+        return _finish_forward(ctx, q, kv, plan, acc_out, acc_lse)
 
     @staticmethod
     def backward(ctx, dout, _dlse):

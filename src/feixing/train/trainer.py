@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -208,18 +208,11 @@ def _save_final_weights(model, args, run_dir: Path, env, step: int) -> None:
     if env.is_main:
         from feixing.models.llama.hf import export_hf
 
-        final = run_dir / "final"
-        tmp = run_dir / "final.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            import shutil
-
-            shutil.rmtree(tmp)
+        final, tmp = run_dir / "final", run_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         export_hf(full, args, str(tmp))
         (tmp / "step.txt").write_text(str(step))
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
+        shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         log.info("final weights (step %d) written to %s", step, final)
     dist.barrier()
