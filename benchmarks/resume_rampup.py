@@ -2,17 +2,20 @@
 
 For each setting: train the demo for 30 steps with a checkpoint at step 20, resume to step 50,
 then compare the mean step time of the first 10 steps after the resume (21-30) with steady
-state (steps 41-50 of the same resumed process). Prints a table, writes
-benchmarks/results/resume_rampup.json. Run from the repository root:
+state (steps 41-50 of the same resumed process). `--runs N` repeats each setting and reports the
+median and the range of the ratios. Prints a table, writes benchmarks/results/resume_rampup.json.
+Run from the repository root:
 
-    PYTHONPATH=src python benchmarks/resume_rampup.py
+    PYTHONPATH=src python benchmarks/resume_rampup.py --runs 3 --warmup-pass on
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,11 +34,17 @@ def _train(run: Path, steps: int, warmup: bool, resume: str, data: str) -> None:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=1, help="repetitions of each setting")
+    ap.add_argument("--warmup-pass", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "resume_rampup.json"))
+    a = ap.parse_args()
     data = str(ROOT / "data" / "demo")
     if not (Path(data) / "meta.json").is_file():
         raise SystemExit("run `make prepare-demo` first")
+    settings = {"both": (False, True), "on": (True,), "off": (False,)}[a.warmup_pass]
     rows = []
-    for warmup in (False, True):
+    for warmup in [w for w in settings for _ in range(a.runs)]:
         run = Path(tempfile.mkdtemp(prefix="rampup-"))
         _train(run, 30, warmup, "none", data)
         shutil.rmtree(run / "checkpoints" / "step-00000030", ignore_errors=True)  # resume at 20
@@ -45,7 +54,7 @@ def main() -> int:
         first = [r["step_time_s"] for r in resumed if 21 <= r["step"] <= 30]
         steady = [r["step_time_s"] for r in resumed if 41 <= r["step"] <= 50]
         first_step = resumed[0]["step_time_s"]
-        rows.append({"warmup_pass": warmup, "first_step_s": first_step,
+        rows.append({"warmup_pass": warmup, "loadavg": os.getloadavg(), "first_step_s": first_step,
                      "first10_mean_s": sum(first) / len(first), "steady_mean_s": sum(steady) / len(steady),
                      "first_step_ratio": first_step / (sum(steady) / len(steady)),
                      "first10_ratio": sum(first) / len(first) / (sum(steady) / len(steady))})
@@ -55,8 +64,21 @@ def main() -> int:
     for r in rows:
         print(f"{str(r['warmup_pass']):<13} {r['first_step_s']:>10.3f} {r['first10_mean_s']:>13.3f} "
               f"{r['steady_mean_s']:>13.3f} {r['first_step_ratio']:>10.2f} {r['first10_ratio']:>12.2f}")
-    out = ROOT / "benchmarks" / "results" / "resume_rampup.json"
-    out.write_text(json.dumps({"machine": os.uname().nodename, "rows": rows}, indent=1))
+    summary = []
+    for warmup in settings:
+        mine = [r for r in rows if r["warmup_pass"] == warmup]
+        row = {"warmup_pass": warmup, "runs": len(mine)}
+        for key in ("first_step_ratio", "first10_ratio"):
+            vals = [r[key] for r in mine]
+            row[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        summary.append(row)
+        print(f"warm-up pass {warmup}: {len(mine)} runs; 1st/steady median "
+              f"{row['first_step_ratio']['median']:.2f} (range {row['first_step_ratio']['min']:.2f}-"
+              f"{row['first_step_ratio']['max']:.2f}), 21-30/steady median "
+              f"{row['first10_ratio']['median']:.2f} (range {row['first10_ratio']['min']:.2f}-"
+              f"{row['first10_ratio']['max']:.2f})")
+    Path(a.out).write_text(json.dumps({"machine": os.uname().nodename, "argv": sys.argv[1:],
+                                       "rows": rows, "summary": summary}, indent=1))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Crash test: kill -9 every process of a 4-rank `feixing train` at random moments, resume with
 `--resume auto`, and require every step's loss to equal an uninterrupted run's, bit for bit.
+Resharding: a checkpoint resumed on another layout continues the run (losses) and the data stream
+(no sample id repeated or skipped, from the trainer's own record of what each step read).
 
 torchrun starts each worker in its own session, so "the whole process group" is the whole
 process tree here: it is frozen (SIGSTOP) first so no process moves on after another died, then
@@ -54,6 +56,24 @@ def _losses(run: Path) -> dict[int, float]:
             continue
         out[rec["step"]] = rec["loss"]
     return out
+
+
+def _samples(run: Path) -> dict[int, list[int]]:
+    """Sample ids each step trained on, data-parallel ranks in order (checkpoint.record_sample_ids).
+
+    The last record per rank and step counts (a resumed run reads the steps after its checkpoint
+    again); the ranks of one data-parallel group (context parallelism) must have read the same ids.
+    """
+    per: dict[int, dict[int, list[int]]] = {}
+    for path in sorted((run / "sample_ids").glob("rank-*.jsonl")):
+        last = {}
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            last[rec["step"]] = rec
+        for step, rec in last.items():
+            seen = per.setdefault(step, {}).setdefault(rec["dp_rank"], rec["ids"])
+            assert seen == rec["ids"], (path.name, step, seen, rec["ids"])
+    return {s: [i for r in sorted(d) for i in d[r]] for s, d in per.items()}
 
 
 def _tree(pid: int) -> list[int]:
@@ -118,35 +138,48 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """An uninterrupted run on the demo layout (cp 2 x 2 on 4 ranks): its losses and folder."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(_cmd(data_dir, run), cwd=ROOT, env=_env(), check=True, capture_output=True,
-                   timeout=600)
-    ref = _losses(run)
-    assert sorted(ref) == list(range(1, STEPS + 1))
-    return ref, run
-
-
-LAYOUTS = {  # other layouts to resume on: (processes, overrides)
+LAYOUTS = {  # (processes, overrides); cp2x2 is configs/demo.toml's own layout
+    "cp2x2": (4, []),
     "dp2": (2, ["parallel.cp_ulysses_degree=1", "parallel.cp_ring_degree=1",
                 "parallel.dp_shard_degree=2"]),
     "dp4": (4, ["parallel.cp_ulysses_degree=1", "parallel.cp_ring_degree=1",
                 "parallel.dp_shard_degree=4"]),
 }
+RECORD = ["checkpoint.record_sample_ids=true"]
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_resume_on_another_layout_continues_the_run(data_dir, reference, tmp_path, layout):
-    ref, ref_run = reference
+def _reference(data_dir: str, run: Path, layout: str) -> tuple[dict[int, float], Path]:
+    nproc, overrides = LAYOUTS[layout]
+    subprocess.run(_cmd(data_dir, run, "none", nproc, overrides + RECORD), cwd=ROOT, env=_env(),
+                   check=True, capture_output=True, timeout=600)
+    ref = _losses(run)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref, run
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted run on the demo layout (cp 2 x 2 on 4 ranks): its losses and folder."""
+    return _reference(data_dir, tmp_path_factory.mktemp("ref") / "run", "cp2x2")
+
+
+@pytest.fixture(scope="module")
+def reference_dp4(data_dir, tmp_path_factory):
+    """An uninterrupted run on 4 data-parallel ranks (FSDP over dp_shard 4)."""
+    return _reference(data_dir, tmp_path_factory.mktemp("ref_dp4") / "run", "dp4")
+
+
+@pytest.mark.parametrize("saved,resumed", [("cp2x2", "dp2"), ("cp2x2", "dp4"), ("dp4", "cp2x2"),
+                                           ("dp4", "dp2")])
+def test_resume_on_another_layout_continues_the_run(data_dir, request, tmp_path, saved, resumed):
+    ref, ref_run = request.getfixturevalue("reference" if saved == "cp2x2" else "reference_dp4")
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copytree(ref_run / "checkpoints" / f"step-{STEPS - INTERVAL:08d}",
                     run / "checkpoints" / f"step-{STEPS - INTERVAL:08d}")
-    nproc, overrides = LAYOUTS[layout]
-    res = subprocess.run(_cmd(data_dir, run, "auto", nproc, overrides), check=False, cwd=ROOT,
-                         env=_env(), capture_output=True, text=True, timeout=600)
+    nproc, overrides = LAYOUTS[resumed]
+    res = subprocess.run(_cmd(data_dir, run, "auto", nproc, overrides + RECORD), check=False,
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resharding" in res.stderr + res.stdout
     got = _losses(run)
@@ -155,6 +188,14 @@ def test_resume_on_another_layout_continues_the_run(data_dir, reference, tmp_pat
         # fp32, same data: only the order of gradient reductions over ranks differs (~1e-7
         # relative per sum), grown through two AdamW steps; 1e-5 relative leaves 100x room.
         assert abs(loss - ref[s]) <= 1e-5 * abs(ref[s]), (s, loss, ref[s])
+    # The data stream: steps 1..8 as read by the run that saved, 9..10 by the resumed run on the
+    # new layout, together exactly the uninterrupted run's samples in its order; none twice.
+    before, after = _samples(ref_run), _samples(run)
+    assert sorted(after) == list(range(STEPS - INTERVAL + 1, STEPS + 1))
+    joined = [i for s in range(1, STEPS - INTERVAL + 1) for i in before[s]]
+    joined += [i for s in sorted(after) for i in after[s]]
+    assert joined == [i for s in range(1, STEPS + 1) for i in before[s]]
+    assert len(joined) == len(set(joined)) == STEPS * 8  # data.batch_size=8 per step, no repeat
 
 
 @pytest.mark.slow

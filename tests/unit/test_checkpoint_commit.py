@@ -252,3 +252,18 @@ def test_loading_into_different_app_state_keys_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"no saved state for \['data'\]"):
         ck.resume(app, "auto")
     ck.close()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_writer_one_pass_and_parallel_hash_write_the_same_file(tmp_path, parallel):
+    import hashlib
+
+    from feixing.checkpoint.writer import hash_in_parallel, persist
+
+    data = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB + a tail: several 1 MiB pieces, a partial one
+    header = b'{"__metadata__":{}}     '
+    size, digest = persist(data, len(data), header, str(tmp_path / "f"), parallel=parallel)
+    raw = (tmp_path / "f").read_bytes()
+    assert size == len(raw) == 8 + len(header) + len(data) and raw[8 + len(header):] == data
+    assert digest == hashlib.sha256(raw).hexdigest()
+    assert hash_in_parallel(local_world_size=10**6) is False  # never more ranks than cores

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from feixing.plan.cp_cost import Cluster, Workload, candidates, choose, layer_time, valid_degrees
+from feixing.plan.cp_cost import (
+    Cluster,
+    Workload,
+    candidates,
+    choose,
+    layer_time,
+    shortlist,
+    valid_degrees,
+)
 
 
 def test_valid_degrees_follow_the_head_rules():
@@ -42,3 +50,24 @@ def test_candidates_are_sorted_and_complete():
     assert [r["total_s"] for r in rows] == sorted(r["total_s"] for r in rows)
     assert {(r["U"], r["R"], r["mode"]) for r in rows} == {
         (1, 4, "ring"), (1, 4, "allgather"), (2, 2, "ring"), (2, 2, "allgather"), (4, 1, "ring")}
+
+
+def test_shortlist_keeps_layouts_within_the_margin_fastest_first():
+    w = Workload(seq_len=32768, n_heads=8, n_kv_heads=2)
+    c = Cluster(cp_degree=8, devices_per_node=8)
+    rows = candidates(w, c)
+    assert shortlist(w, c, 0.0) == rows[:1]  # margin 0: the model's choice alone
+    short = shortlist(w, c, 0.5)
+    assert short == [r for r in rows if r["total_s"] <= 1.5 * rows[0]["total_s"]]
+    assert shortlist(w, c, 1e9) == rows  # a huge margin times every layout
+
+
+def test_measured_link_speeds_override_the_placement_rule():
+    w = Workload(seq_len=65536, n_heads=8, n_kv_heads=8)
+    c = Cluster(cp_degree=8, devices_per_node=8)  # intra-node: 150 GB/s both ways by placement
+    slow = Cluster(cp_degree=8, devices_per_node=8, ulysses_gbps=1.5, ring_gbps=1.5)
+    for u, r in ((8, 1), (1, 8)):
+        base, meas = layer_time(w, c, u, r), layer_time(w, slow, u, r)
+        comm = "ulysses_comm_s" if r == 1 else "ring_comm_exposed_s"
+        assert meas[comm] > 50 * base[comm]  # 100x slower links; latency is the same
+        assert meas["compute_s"] == base["compute_s"]

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from feixing.checkpoint import commit as C
 from feixing.checkpoint.load import LOCAL, SHARDED, Reader, chunk_of
 from feixing.checkpoint.stage import Stager, decode, encode
-from feixing.checkpoint.writer import WriterProcess
+from feixing.checkpoint.writer import WriterProcess, hash_in_parallel
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Manager:
         self._writer_fd = -1
         self._inflight: dict | None = None  # the save whose answer has not come back yet
         self._prealloc_failed = False
+        self._parallel_hash = hash_in_parallel()  # a second writer thread only with cores to spare
         self.last_committed: str | None = None
         self.errors: list[str] = []
         self.stats: list[dict] = []  # one record per save: blocked_s, wait_s, persist_s, ...
@@ -259,7 +260,7 @@ class Manager:
         job = {"op": "save", "step": step, "rank": self.rank, "world_size": self.world_size,
                "root": self.root, "tmp": os.path.join(self.root, C.temp_dirname(step, self.token)),
                "header": self.stager.layout.header, "nbytes": self.stager.layout.nbytes,
-               "index": index, "commit": None}
+               "index": index, "commit": None, "parallel_hash": self._parallel_hash}
         if self.rank == 0:
             job["commit"] = {"meta": self.meta, "timeout_s": self.cfg.commit_timeout_s,
                              "keep": self.cfg.keep, "keep_every": self.cfg.keep_every}

@@ -83,6 +83,16 @@ def _hashable(k):
     return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
 
 
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool) -> None:
+    if not dsts:  # _foreach_copy_ rejects empty lists
+        return
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+    else:  # older torch: one call per tensor
+        for d, s in zip(dsts, srcs):
+            d.copy_(s, non_blocking=non_blocking)
+
+
 # ---- the host buffer -----------------------------------------------------------------------
 
 
@@ -233,17 +243,20 @@ class Stager:
             self._raise()
 
     def _copy(self, sources: dict[str, torch.Tensor], event) -> None:
+        # One torch call for all tensors: torch drops the GIL for the whole call, while a Python
+        # loop of copy_ calls takes it back between tensors and, with hundreds of tensors, makes
+        # the training loop wait for the GIL (up to the 5 ms switch interval each time).
+        dsts = [self._targets[key] for key in sources]
+        srcs = list(sources.values())
         with torch.no_grad():
             if event is None:
-                for key, src in sources.items():
-                    self._targets[key].copy_(src)
+                _copy_all(dsts, srcs, non_blocking=False)
                 return
             mod = torch.get_device_module(self.device_type)
             pinned = self.buffer.pinned or self.buffer.bounce is not None
             with mod.stream(self._stream):
                 self._stream.wait_event(event)
-                for key, src in sources.items():
-                    self._targets[key].copy_(src, non_blocking=pinned)
+                _copy_all(dsts, srcs, non_blocking=pinned)
             self._stream.synchronize()
             if self.buffer.bounce is not None:
                 self.buffer.tensor.copy_(self.buffer.bounce)

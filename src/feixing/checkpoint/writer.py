@@ -30,7 +30,8 @@ import traceback
 
 from feixing.checkpoint import commit as _commit
 
-_CHUNK = 16 << 20
+_CHUNK = 16 << 20  # per write when another thread hashes
+_PIECE = 1 << 20  # hash-then-write piece: stays in a core's L2 between the two reads
 _IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30}
 
 
@@ -60,30 +61,52 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[n:]
 
 
-def persist(buf, nbytes: int, header: bytes, path: str) -> tuple[int, str]:
-    """Write a safetensors file (header + buffer bytes) and its sha256.
+def hash_in_parallel(local_world_size: int | None = None) -> bool:
+    """Whether the writer may hash on a second thread: only where each rank has 4 cores or more
+    (its loop, staging, writer, hasher). Below that a second writer thread takes CPU time from
+    the training loop, which on a 2-core machine cost far more than the slower save saves."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus >= 4 * max(local_world_size, 1)
 
-    The hash runs in a thread over the same shared buffer while this thread writes (hashlib and
-    os.write both release the GIL), so a save takes max(write, hash), not their sum.
+
+def persist(buf, nbytes: int, header: bytes, path: str, parallel: bool = False) -> tuple[int, str]:
+    """Write a safetensors file (header + buffer bytes) and its sha256, reading the buffer once.
+
+    parallel=False: one thread hashes each 1 MiB piece, then writes it while it is still in the
+    core's cache; the writer never uses more than one core. parallel=True: a second thread hashes
+    the whole buffer while this one writes (hashlib and os.write release the GIL), so a save
+    takes max(write, hash) instead of their sum, at the price of a second busy core.
     """
     h = hashlib.sha256()
     prefix = struct.pack("<Q", len(header)) + header
     h.update(prefix)
     view = memoryview(buf)[:nbytes] if nbytes else memoryview(b"")
-    hasher = threading.Thread(target=h.update, args=(view,), name="feixing-ckpt-sha256")
-    hasher.start()
+    hasher = None
+    if parallel:
+        hasher = threading.Thread(target=h.update, args=(view,), name="feixing-ckpt-sha256")
+        hasher.start()
+    chunk = _CHUNK if parallel else _PIECE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _write_all(fd, memoryview(prefix))
-        for off in range(0, nbytes, _CHUNK):
-            _write_all(fd, view[off: off + _CHUNK])
+        for off in range(0, nbytes, chunk):
+            piece = view[off: off + chunk]
+            if hasher is None:
+                h.update(piece)
+            _write_all(fd, piece)
         os.fsync(fd)
         if hasattr(os, "posix_fadvise"):
             # Nobody reads a checkpoint back soon: do not push training data out of the page cache.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-        hasher.join()
+        if hasher is not None:
+            hasher.join()
     return len(prefix) + nbytes, h.hexdigest()
 
 
@@ -103,7 +126,8 @@ def run_job(buf, job: dict) -> dict:
             raise _commit.CheckpointError(
                 f"checkpoint folder {job['root']} vanished (deleted or unmounted during the run)"
             ) from None
-        size, digest = persist(buf, job["nbytes"], job["header"].encode(), stem + ".safetensors")
+        size, digest = persist(buf, job["nbytes"], job["header"].encode(), stem + ".safetensors",
+                               job.get("parallel_hash", False))
         index = dict(job["index"], size=size, sha256=digest)
         _commit.write_durable(stem + ".json", json.dumps(index).encode())
         _commit.fsync_dir(tmp)

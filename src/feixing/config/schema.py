@@ -47,6 +47,8 @@ class ParallelConfig:
     """Automatic context parallelism: > 0 lets the cost model (plan/cp_cost.py) split this total degree into cp_ulysses x cp_ring and pick cp_mode; leave the two explicit degrees at 1 then. 0 = use the explicit degrees."""
     cp_devices_per_node: int = 0
     """Ranks per node the automatic choice assumes (Ulysses stays inside a node when it can); 0 = LOCAL_WORLD_SIZE, else 8."""
+    cp_autotune: bool = True
+    """With cp_degree > 0: fit the cost model's constants on the real CP group at start-up and time the layouts it ranks within 2x of its best (a few attention fwd+bwd calls each), then run the fastest, the same on every rank (plan/auto.py). false = the cost model with default constants alone."""
     cp_mode: str = "ring"
     """How the ring dimension exchanges KV: ring (p2p, double-buffered) | allgather (Llama-3 style)."""
     tp_degree: int = 1
@@ -131,6 +133,8 @@ class CheckpointConfig:
     """When a save fails (disk full, permissions): continue (warn, keep training) | stop."""
     commit_timeout_s: float = 600.0
     """Rank 0 commits a save once every rank's files are on disk; it gives up (save failed, previous checkpoint kept) after this many seconds."""
+    record_sample_ids: bool = False
+    """Debug aid: every rank appends the dataset sample ids of each step it trains on to run.dir/sample_ids/rank-NNNNN.jsonl (tests use it to prove a resume neither repeats nor skips a sample)."""
 
 
 @dataclass

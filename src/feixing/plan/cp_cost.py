@@ -16,7 +16,8 @@ The model (written out in docs/parallelism.md):
   not overlapped.
 
 Everything is per layer and per rank; absolute numbers are as good as the bandwidth and FLOP
-figures given, the ranking is what `choose` uses.
+figures given, the ranking is what `choose` uses. plan/measure.py fits the constants (link
+speeds, step latency, kernel rate and its small-block fall-off, overlap) on the real group.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Cluster:
     latency_s: float = 20e-6  # per collective / per ring step
     overlap: float = 1.0  # share of a ring transfer that hides behind compute (1: DMA/NIC
     # engines copy while the cores compute; 0: the copy competes for the same cores, e.g. gloo on CPU)
+    ulysses_gbps: float = 0.0  # measured all-to-all GB/s on the real group (plan/measure.py); 0 = from placement
+    ring_gbps: float = 0.0  # measured p2p shift GB/s on the real group; 0 = from placement
 
 
 def valid_degrees(w: Workload, p: int) -> list[tuple[int, int]]:
@@ -73,14 +76,14 @@ def layer_time(w: Workload, c: Cluster, u: int, r: int, mode: str = "ring") -> d
     kvh = max(w.n_kv_heads, u)
     gb = 1e9
     flops_fwd = 4 * B * S * S * H * d * (0.5 if w.causal else 1.0)
-    # ring blocks are half-chunks of S/(2R) query tokens; Ulysses-only computes S at once
-    blk = S / (2 * r) if r > 1 else S
+    # every kernel call is one (query chunk, key chunk) pair of S/(2R) tokens (R = 1: two halves)
+    blk = S / (2 * r)
     rate = c.tflops * 1e12 * _eff(blk, c.n_half)
     comp_fwd = flops_fwd / p / rate
     comp_bwd = 2.5 * comp_fwd
     intra_u = u <= c.devices_per_node  # Ulysses groups are consecutive ranks
-    bw_u = (c.intra_gbps if intra_u else c.inter_gbps) * gb
-    bw_r = (c.intra_gbps if p <= c.devices_per_node else c.inter_gbps) * gb
+    bw_u = (c.ulysses_gbps or (c.intra_gbps if intra_u else c.inter_gbps)) * gb
+    bw_r = (c.ring_gbps or (c.intra_gbps if p <= c.devices_per_node else c.inter_gbps)) * gb
     a2a_bytes = B * (S / p) * (2 * H + 2 * kvh) * d * (u - 1) / u * eb
     t_a2a = 0.0 if u == 1 else 2 * (a2a_bytes / bw_u + c.latency_s)  # fwd + bwd
     kv_bytes = B * 2 * (S / r) * kvh / u * d * eb
@@ -119,6 +122,12 @@ def choose(w: Workload, c: Cluster, modes=("ring", "allgather")) -> tuple[int, i
     """`auto`: the (ulysses_degree, ring_degree, mode) with the smallest modelled time."""
     best = candidates(w, c, modes)[0]
     return best["U"], best["R"], best["mode"]
+
+
+def shortlist(w: Workload, c: Cluster, margin: float, modes=("ring", "allgather")) -> list[dict]:
+    """The candidates whose modelled time is within (1 + margin) x the best one, fastest first."""
+    rows = candidates(w, c, modes)
+    return [r for r in rows if r["total_s"] <= (1.0 + margin) * rows[0]["total_s"]]
 
 
 def describe(w: Workload, c: Cluster) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -68,7 +69,7 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
     """The loop inside an initialised process group (tests call this directly, many times)."""
     distributed.env.seed_everything(cfg.run.seed)
     config_mod.check(cfg, env.world_size)
-    cfg = resolve_auto_cp(cfg)
+    cfg = resolve_auto_cp(cfg, measure=True, device=env.device)
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         _write_resolved_config(cfg, run_dir)
@@ -118,11 +119,17 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
     if cfg.train.warmup_pass:
         _warm_up(model, loader.micro_batch_size, cfg.data.seq_len, env, cp)
     last = {"loss": float("nan"), "steps": 0}
+    samples = _sample_log(run_dir, env.rank) if cfg.checkpoint.record_sample_ids else None
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             with tele.phase("data"):
-                mbs = [_to_device(mb, env.device, cp) for mb in loader.next_batch()]
+                batch = loader.next_batch()
+                if samples is not None:
+                    ids = [int(i) for mb in batch for i in mb["sample_ids"]]
+                    samples.write(json.dumps({"step": step, "dp_rank": loader.dp_rank,
+                                              "ids": ids}) + "\n")
+                mbs = [_to_device(mb, env.device, cp) for mb in batch]
             lr = schedule.set_step(step)
             result, finite = train_step(model, mbs, grad_ranks, cfg.optim.grad_clip,
                                         phase=tele.phase)
@@ -152,6 +159,8 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
         ckpt.close()
         tele.close()
         metrics.close()
+        if samples is not None:
+            samples.close()
     return {"last_loss": last["loss"], "steps_run": last["steps"], "final_step": state.step}
 
 
@@ -166,6 +175,13 @@ def _warm_up(model, batch: int, seq_len: int, env, cp) -> None:
     train_step(model, [mb], grad_ranks=1, max_norm=0.0)
     model.zero_grad(set_to_none=True)
     log.info("warm-up pass (communicators, buffers, kernels): %.2f s", time.perf_counter() - t0)
+
+
+def _sample_log(run_dir: Path, rank: int):
+    """checkpoint.record_sample_ids: this rank's sample-id log, appended across resumes and
+    line-buffered, so a killed process loses at most the line being written."""
+    (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+    return open(run_dir / "sample_ids" / f"rank-{rank:05d}.jsonl", "a", buffering=1)
 
 
 def _layout(dims: ParallelDims) -> dict:
