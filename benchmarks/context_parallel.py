@@ -37,6 +37,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from feixing.distributed.launch import free_port  # noqa: E402  (after the path insert)
+
 
 def layouts_for(p: int, h: int, hkv: int, s: int) -> list[tuple[str, int, int, str]]:
     """Every (name, U, R, mode) the planner may choose from (the cost model's own enumeration)."""
@@ -200,14 +202,6 @@ def _worker(rank, p, port, cfg, q_out):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _baseline(cfg) -> dict:
     from feixing.ops.attention import attention
 
@@ -264,7 +258,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     for p in args.world:
         qq = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, p, port, cfg, qq)) for r in range(p)]
         for pr in procs:
             pr.start()

@@ -84,13 +84,8 @@ def _hashable(k):
 
 
 def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool) -> None:
-    if not dsts:  # _foreach_copy_ rejects empty lists
-        return
-    if hasattr(torch, "_foreach_copy_"):
+    if dsts:  # _foreach_copy_ (in every torch we support, >= 2.6) rejects empty lists
         torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
-    else:  # older torch: one call per tensor
-        for d, s in zip(dsts, srcs):
-            d.copy_(s, non_blocking=non_blocking)
 
 
 # ---- the host buffer -----------------------------------------------------------------------

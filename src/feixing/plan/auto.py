@@ -108,8 +108,11 @@ def resolve_auto_cp(cfg: Config, measure: bool = False, device=None) -> Config:
         ring_only.cp_degree, ring_only.cp_ring_degree = 0, p.cp_degree
         dp = ParallelDims.from_config(ring_only, dist.get_world_size()).dp
         work.batch = max(1, cfg.data.batch_size // (dp * max(1, cfg.data.grad_accum_steps)))
-        (u, r, mode), rep = choose_on_group(work, _cp_group(p.cp_degree), per_node,
+        group = _cp_group(p.cp_degree)
+        (u, r, mode), rep = choose_on_group(work, group, per_node,
                                             backend=cfg.model.attention_backend, device=device)
+        if group is not None:  # only for measuring: the trainer's mesh builds its own CP groups
+            dist.destroy_process_group(group)
         how = f"measured on the group, {len(rep['model'])} layouts timed"
     else:
         u, r, mode = choose(work, Cluster(cp_degree=p.cp_degree, devices_per_node=per_node))
