@@ -1,5 +1,6 @@
 """End to end on 4 gloo ranks, a training-like loop with Telemetry: the doctor names a slow rank
-and its layer, stays quiet about stragglers and drifts on a clean run, and names a hung rank."""
+and its layer (offline, and online through the store queue), stays quiet about stragglers and
+drifts on a clean run, and names a hung rank."""
 
 import json
 
@@ -16,7 +17,11 @@ def _loop(rank, world_size, run_dir, steps, faults, seed):
 def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
     # rank 2 spends an extra 50% of a step computing from step 30
     slow = str(tmp_path / "slow")
-    pool4.run(_loop, slow, 80, [{"kind": "slow_rank", "ranks": [2], "start_step": 30, "magnitude": 0.5}], 0)
+    res = pool4.run(_loop, slow, 80, [{"kind": "slow_rank", "ranks": [2], "start_step": 30, "magnitude": 0.5}], 0)
+    # online, during the run: rank 0 judged the windows the ranks pushed to the store
+    online = [m for _, m in res[0]["online_messages"]]
+    assert any(m.startswith("rank 2 is a straggler in compute") for m in online), online
+    assert not any("straggler" in m and not m.startswith("rank 2 ") for m in online), online
     assert doctor_main(slow, json=True) == 1
     findings = json.loads(capsys.readouterr().out)["findings"]
     stragglers = [f for f in findings if f["kind"] == "straggler"]
@@ -24,7 +29,8 @@ def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
     assert 25 <= stragglers[0]["first_step"] <= 40 and stragglers[0]["detected_step"] <= 50
 
     clean = str(tmp_path / "clean")
-    pool4.run(_loop, clean, 80, [], 1)
+    res = pool4.run(_loop, clean, 80, [], 1)
+    assert not [m for _, m in res[0]["online_messages"] if "straggler" in m]
     assert not [f for f in diagnose_run(clean) if f.kind in ("straggler", "drift", "hang")]
 
     # rank 1 stops before backward at step 10 for 3 s; the others wait in the gradient all_reduce

@@ -143,15 +143,16 @@ class TelemetryConfig:
     """Always-on per-rank, per-phase timings written under run.dir/telemetry/."""
     canary_interval: int = 50
     """Run the dispatch and memory canaries every this many steps; 0 = never."""
-    probe_interval: int = 200
+    probe_interval: int = 500
     """Run the collective probes (each ring link, all_reduce per group) every this many steps; 0 = never.
-    They cost a few collectives, so they run less often than the local canaries; a multiple of canary_interval."""
+    They cost a few collectives, so they run less often than the local canaries; a multiple of canary_interval.
+    A slow link is reported after 3 probes in a row show it."""
     online_detect: bool = True
     """Run detectors during training and print warnings into the log."""
     hang_timeout_s: float = 600.0
     """Collective timeout after which the watchdog records each rank's last collectives."""
     detect_interval: int = 50
-    """Online detection: every this many steps all ranks all-gather a few medians (one tiny collective); 0 = never."""
+    """Online detection: every this many steps each rank pushes a few medians to the job's store for rank 0; 0 = never."""
     flush_interval: int = 100
     """Buffered telemetry records are written to disk every this many records."""
     probe_bytes: int = 262144

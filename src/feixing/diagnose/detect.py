@@ -7,7 +7,8 @@ with per-step data would have alarmed. `first_step` is the estimated onset.
 - straggler: per rank and layer (data, compute, gc) a rolling median over STRAGGLER_WINDOW
   steps, compared with the median of its peers (robust to one bad rank), in units of a step;
   flagged while over STRAGGLER_MIN_FRAC of a step and STRAGGLER_MIN_REL of the peers' time in
-  that layer, for STRAGGLER_PERSIST consecutive steps. Exposed communication wait is never used:
+  that layer, and while fewer than half the ranks are flagged (a straggler is a minority), for
+  STRAGGLER_PERSIST consecutive steps. Exposed communication wait is never used:
   it is the symptom in the ranks that wait, not the cause. Checkpoint blocking is never used:
   it is an event (spike), not a straggler.
 - slow link: the ring probe's receive latency per link vs the median link, persistent over
@@ -38,6 +39,7 @@ STRAGGLER_WINDOW = 11      # steps in the rolling median (odd: a clean median)
 STRAGGLER_PERSIST = 10     # consecutive flagged steps before a finding
 STRAGGLER_MIN_FRAC = 0.05  # excess over peers, as a fraction of a step, below which nothing is flagged
 STRAGGLER_MIN_REL = 0.10   # ... and as a fraction of the peers' time in that layer
+STRAGGLER_WARMUP = 20      # the first steps of a run are never flagged: start-up is uneven
 LINK_PERSIST = 3           # consecutive probes with a slow link (a descheduled receiver lasts one)
 LINK_MIN_FRAC = 0.02       # link excess (s) as a fraction of a step
 DRIFT_BLOCK = 25           # steps per drift block
@@ -46,7 +48,8 @@ DRIFT_WARMUP = 10          # steps skipped before the baseline
 DRIFT_BASE_BLOCKS = 4      # blocks (or canaries) in the baseline
 DRIFT_MIN = 0.01           # smallest relative drift we report (1%)
 DRIFT_K_SIGMA = 0.5        # CUSUM slack in baseline sigmas (and at least DRIFT_MIN / 2)
-DRIFT_H_SIGMA = 10.0       # CUSUM alarm level in baseline sigmas (and at least 8 * DRIFT_MIN)
+DRIFT_H_SIGMA = 5.0        # CUSUM alarm level in baseline sigmas (and at least DRIFT_H_MIN * DRIFT_MIN)
+DRIFT_H_MIN = 5.0
 DRIFT_SIGMA_FLOOR = 0.01   # the baseline never claims to be steadier than 1% per block
 SPIKE_RATIO = 1.5          # a spike step is this much over the rolling median step (checkpoint)
 SPIKE_RATIO_NOISY = 2.0    # ... for gc and data, whose pauses the machine's own noise also makes
@@ -122,8 +125,14 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
         frac = exc / step_ref
         with np.errstate(all="ignore"):
             rel = exc / (m - exc)
+        flags = (frac > thr) & (rel > STRAGGLER_MIN_REL)
+        # A straggler is a minority: where half the ranks or more are flagged together, no
+        # majority defines "normal" (on an oversubscribed host, ranks sharing a core slow down
+        # together), so none of them counts at that step.
+        flags &= 2 * flags.sum(axis=0) < m.shape[0]
+        flags[:, : int(np.searchsorted(steps, steps[0] + STRAGGLER_WARMUP))] = False
         for r in range(m.shape[0]):
-            flag = (frac[r] > thr) & (rel[r] > STRAGGLER_MIN_REL)
+            flag = flags[r]
             runs = [(a, b) for a, b in _runs(flag) if b - a >= STRAGGLER_PERSIST]
             if not runs:
                 continue
@@ -206,7 +215,7 @@ def drift_series(values: np.ndarray, steps: np.ndarray, block: int):
 
 
 def drift_test(x: np.ndarray, norm: float | None = None, step_sigma: float = 0.0, per_block: int = 1,
-               confirm: int = 4):
+               confirm: int = 4, h_sigma: float = DRIFT_H_SIGMA):
     """CUSUM of x against its first DRIFT_BASE_BLOCKS points; (alarm, start, z, sigma) or None.
 
     sigma (per block, relative) is the largest of: the spread of the baseline blocks, the
@@ -223,7 +232,7 @@ def drift_test(x: np.ndarray, norm: float | None = None, step_sigma: float = 0.0
     sigma = max(_robust_sigma(z[:DRIFT_BASE_BLOCKS]), 2 * 1.36 * step_sigma / np.sqrt(max(per_block, 1)),
                 DRIFT_SIGMA_FLOOR)
     k = max(DRIFT_K_SIGMA * sigma, DRIFT_MIN / 2)
-    h = max(DRIFT_H_SIGMA * sigma, 8 * DRIFT_MIN)
+    h = max(h_sigma * sigma, DRIFT_H_MIN * DRIFT_MIN)
     alarm, start = cusum(z[DRIFT_BASE_BLOCKS:], k, h, cap=max(3 * sigma, 3 * DRIFT_MIN),
                          confirm=confirm, level=max(DRIFT_MIN, 2 * sigma))
     if alarm is None:
@@ -256,14 +265,17 @@ class OnlineDetector:
         if self.world_size >= 3 and step_med > 0:
             for layer in ("data", "compute", "gc"):
                 exc = peer_excess(col[layer][:, None])[:, 0]
+                peer = col[layer] - exc
+                hits = (exc / step_med > STRAGGLER_MIN_FRAC) & (exc > STRAGGLER_MIN_REL * peer)
+                if 2 * hits.sum() >= self.world_size:  # not a minority: as offline
+                    hits[:] = False
                 for r in range(self.world_size):
-                    peer = col[layer][r] - exc[r]
-                    hit = exc[r] / step_med > STRAGGLER_MIN_FRAC and exc[r] > STRAGGLER_MIN_REL * peer
+                    hit = bool(hits[r])
                     key = ("straggler", r, layer)
                     self.flags[key] = self.flags.get(key, 0) + 1 if hit else 0
                     if self.flags[key] >= 2 and key not in self.said:
                         self.said.add(key)
-                        msgs.append(f"rank {r} is a straggler in {layer}: {exc[r] / max(peer, 1e-12):.0%} "
+                        msgs.append(f"rank {r} is a straggler in {layer}: {exc[r] / max(peer[r], 1e-12):.0%} "
                                     f"slower than its peers (window ending at step {step})")
         for layer in ("data", "compute"):
             # the fastest rank's window median: the lower envelope, as offline
@@ -282,7 +294,7 @@ class OnlineDetector:
                 denom = max(base, 0.1 * step_med)
                 sigma = max(_robust_sigma((np.array(h) - base) / denom), DRIFT_SIGMA_FLOOR)
                 self.state[layer] = [base, denom, max(DRIFT_K_SIGMA * sigma, DRIFT_MIN / 2),
-                                     max(DRIFT_H_SIGMA * sigma, 8 * DRIFT_MIN), 0.0,
+                                     max(DRIFT_H_SIGMA * sigma, DRIFT_H_MIN * DRIFT_MIN), 0.0,
                                      max(3 * sigma, 3 * DRIFT_MIN), max(DRIFT_MIN, 2 * sigma)]
             return None
         del h[:-4]  # keep only what the confirmation needs

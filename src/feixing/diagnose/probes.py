@@ -3,9 +3,10 @@
 Every rank runs the same canaries at the same step (they contain collectives). Each returns
 plain floats for the rank's JSONL record:
 
-- dispatch: a fixed sequence of tiny operators; host time to issue them (min of 3 repeats, since
-  the minimum is the least disturbed by other processes). On CUDA the device time of the same
-  sequence comes from events read back at the next canary, so the canary never synchronizes.
+- dispatch: a fixed sequence of tiny operators; host time to issue them (one untimed pass to warm
+  the caches, then the min of 3 repeats, since the minimum is the least disturbed by other
+  processes). On CUDA the device time of the same sequence comes from events read back at the
+  next canary, so the canary never synchronizes.
 - links: every rank sends to its right ring neighbour and receives from its left one; the time
   until the receive completes is the latency (1 float) and bandwidth (`probe_bytes`) of link
   left -> self (each exchange after a barrier, so delays do not travel around the ring). A
@@ -22,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-N_DISPATCH_OPS = 96
+N_DISPATCH_OPS = 64
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -49,8 +50,6 @@ class Canaries:
         self._small_r = torch.zeros(1, device=self.device)
         self._big = torch.zeros(n, device=self.device)
         self._big_r = torch.zeros(n, device=self.device)
-        self._ref = torch.ones(96, 96, device=self.device) / 96
-        self._ref_out = torch.empty(96, 96, device=self.device)
         from feixing.diagnose.telemetry import _open_schedstat, _read_sched
         fd = _open_schedstat()
         self._sched = lambda: _read_sched(fd)
@@ -64,24 +63,12 @@ class Canaries:
             x = x + 0.0001
             x = torch.relu(x)
 
-    def reference(self) -> float:
-        """Host CPU time of one small matmul (mostly arithmetic, little dispatch), min of 3.
-
-        The doctor divides the dispatch canary and the compute phases by it: other processes
-        or a slower clock slow both alike, a slower dispatch path or a slower rank does not.
-        """
-        best = float("inf")
-        for _ in range(3):
-            c0 = time.process_time()
-            torch.mm(self._ref, self._ref, out=self._ref_out)
-            best = min(best, time.process_time() - c0)
-        return best
-
     def dispatch(self, faults, step) -> dict:
         out = {}
         if self.cuda and self._pending is not None and self._pending[1].query():
             out["dispatch_dev_s"] = self._pending[0].elapsed_time(self._pending[1]) / 1e3
             self._pending = None
+        self._dispatch_once()  # untimed: after a step's large kernels the dispatch path is cold
         best = best_cpu = float("inf")
         for _ in range(3):
             c0 = time.process_time()
@@ -104,7 +91,6 @@ class Canaries:
         out["dispatch_s"] = best
         if not self.cuda:  # host CPU time: unaffected by other processes taking the core
             out["dispatch_cpu_s"] = best_cpu
-            out["ref_cpu_s"] = self.reference()
         return out
 
     def _ring(self, send, recv, delay: float) -> float:
@@ -129,11 +115,11 @@ class Canaries:
             return {}
         delay = faults.link_delay(step) if faults is not None else 0.0
         # A barrier before each exchange: without it one slow sender delays every later exchange
-        # around the ring, and all links look slow. Minimum of 3: a descheduled peer inflates one.
-        lat = float("inf")
-        for _ in range(3):
-            dist.barrier()
-            lat = min(lat, self._ring(self._small, self._small_r, delay))
+        # around the ring, and all links look slow. Minimum of 2: a descheduled peer inflates one
+        # (and a slow link needs LINK_PERSIST probes in a row anyway). run() opened with a barrier.
+        lat = self._ring(self._small, self._small_r, delay)
+        dist.barrier()
+        lat = min(lat, self._ring(self._small, self._small_r, delay))
         dist.barrier()
         bw_t = self._ring(self._big, self._big_r, delay)
         return {"link_from": (self.rank - 1) % self.world_size, "link_lat_s": lat,
@@ -162,9 +148,16 @@ class Canaries:
         return out
 
     def run(self, faults, step, collectives: bool) -> dict:
+        """All due canaries; `sync_s` is the wait in the barrier that opens the collective probes.
+
+        That wait is the ranks' arrival skew, which the next step's first collective would have
+        absorbed anyway, so telemetry does not count it as its own cost."""
         rec = self.dispatch(faults, step)
-        if collectives and dist.is_available() and dist.is_initialized():
+        rec.update(self.memory())
+        if collectives and dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            t0 = time.perf_counter()
+            dist.barrier()
+            rec["sync_s"] = time.perf_counter() - t0
             rec.update(self.links(faults, step))
             rec.update(self.group_probes())
-        rec.update(self.memory())
         return rec

@@ -11,6 +11,7 @@ the same Telemetry and fault code the trainer uses.
 from __future__ import annotations
 
 import io
+import os
 import random
 import time
 
@@ -18,14 +19,21 @@ import torch
 import torch.distributed as dist
 
 from feixing.config.schema import FaultConfig, TelemetryConfig
+from feixing.diagnose.faults import wait
 from feixing.diagnose.telemetry import Telemetry
 
 
 def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[dict] | None = None,
              telemetry: dict | None = None, seed: int = 0, hidden: int = 192, batch: int = 128,
-             data_s: float = 0.003, ckpt_every: int = 50, enabled: bool = True) -> dict:
-    """Run `steps` training-like steps; returns timing totals (and the telemetry's own cost)."""
+             data_s: float = 0.003, ckpt_every: int = 50, enabled: bool = True, pin: bool = False) -> dict:
+    """Run `steps` training-like steps; returns timing totals (and the telemetry's own cost).
+
+    pin: bind rank r to core r % cores, as a launcher's CPU affinity would (an even, fixed
+    placement; otherwise where the scheduler puts the ranks changes their speed)."""
     torch.set_num_threads(1)
+    if pin and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     cfg = TelemetryConfig(**{"enabled": enabled, **(telemetry or {})})
     fcfg = [FaultConfig(**f) for f in (faults or [])]
     tele = Telemetry(cfg, faults=fcfg, run_dir=run_dir, rank=rank, world_size=world_size)
@@ -39,7 +47,7 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     t_start = time.perf_counter()
     for step in range(1, steps + 1):
         with tele.phase("data"):
-            time.sleep(data_s * (0.8 + 0.4 * rng.random()))
+            wait(data_s * (0.8 + 0.4 * rng.random()))  # sleep, then spin the last ms: wakes on time
             x = torch.randn(batch, hidden, generator=xg)
         with tele.phase("forward"):
             loss = (torch.relu(x @ w1) @ w2).pow(2).mean()
@@ -61,9 +69,11 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
                 torch.save({"w1": w1.detach(), "w2": w2.detach()}, io.BytesIO())
         tele.end_step(step)
     wall = time.perf_counter() - t_start
+    tele.close()  # rank 0's online detection finishes the windows it has
     out = {"wall_s": wall, "steps": steps}
     if enabled:
         out["tele_overhead"] = tele.overhead()
         out["tele_total_s"] = tele._tele_total
-    tele.close()
+        if tele.online is not None and tele.online.detector is not None:
+            out["online_messages"] = tele.online.messages
     return out

@@ -10,7 +10,11 @@ Usage inside a training loop (see docs/doctor.md):
 
 Each rank appends to its own `run_dir/telemetry/rank-XXXXX.jsonl` (one `step` record per step,
 a `canary` record every `canary_interval` steps), buffered in memory and written every
-`flush_interval` steps, so the step never waits on the disk or on another rank. Phase times are
+`flush_interval` steps, so the step never waits on the disk or on another rank. Online detection
+needs no collective either: every `detect_interval` steps each rank pushes six window medians
+onto a queue in the job's key-value store (torch.distributed's TCPStore, one round trip to the
+store, not a rendezvous with the other ranks) and a thread on rank 0 drains it and runs the
+detectors (see OnlineGather; an all_gather where the store has no queues). Phase times are
 host wall times net of GC pauses (which are reported separately as `gc`); on CUDA each phase
 also records a pair of events whose device time is read back a few steps later, never
 synchronizing. `step_s` is the time from the end of the previous `end_step` to this one, so the
@@ -35,7 +39,7 @@ from feixing.diagnose.watchdog import Heartbeat, Watchdog
 
 log = logging.getLogger("feixing.diagnose")
 
-# The signals each rank contributes to the online all_gather (per detect_interval window).
+# The signals each rank contributes to online detection (per detect_interval window).
 ONLINE_SIGNALS = ("step", "data", "compute", "gc", "comm", "checkpoint")
 COMPUTE_PHASES = ("forward", "backward", "optimizer")
 
@@ -122,7 +126,7 @@ class Telemetry:
         self._events: deque = deque()
         self._dev_pending: dict = {}
         self._history: deque = deque(maxlen=64)  # recent step records, for faults and online windows
-        self._buf: list[str] = []
+        self._buf: list = []  # step records as dicts (formatted at flush: cheaper than per step), other lines as str
         self._cur_step = None
         self._gc_total, self._gc_n, self._gc_t0 = 0.0, 0, 0.0
         self._gc_step0, self._gc_n0 = 0.0, 0
@@ -133,10 +137,10 @@ class Telemetry:
         self._file = open(os.path.join(self.dir, f"rank-{rank:05d}.jsonl"), "a")  # noqa: SIM115
         self.canaries = Canaries(device_type, rank, world_size, self.groups, int(cfg.probe_bytes)) \
             if cfg.canary_interval > 0 or cfg.probe_interval > 0 else None
-        self.detector = None
-        if cfg.online_detect and rank == 0 and world_size > 1:
-            from feixing.diagnose.detect import OnlineDetector
-            self.detector = OnlineDetector(world_size)
+        self.online = None
+        if cfg.online_detect and world_size > 1 and cfg.detect_interval > 0:
+            from feixing.diagnose.online import OnlineGather
+            self.online = OnlineGather(run_dir, rank, world_size)
         self.watchdog = Watchdog(self._hb, self.dir, rank, world_size, cfg.hang_timeout_s) \
             if cfg.hang_timeout_s > 0 else None
         gc.callbacks.append(self._on_gc)
@@ -182,30 +186,31 @@ class Telemetry:
         self._acc = {}
         self._cpu = {}
         self._history.append(rec)
-        self._buf.append(_line("step", rec))
+        self._buf.append(rec)
         if self._cuda:
             self._read_events(step)
         cfg = self.cfg
         probe = cfg.probe_interval > 0 and step % cfg.probe_interval == 0
         due = cfg.canary_interval > 0 and step % cfg.canary_interval == 0
+        sync_s = 0.0
         if self.canaries is not None and (due or probe):
             t0 = perf_counter()
             self._hb.enter("canary", step)
             c = self.canaries.run(self._faults, step, probe)
             self._hb.exit()
-            c["step"], c["cost_s"] = step, perf_counter() - t0
+            sync_s = c.get("sync_s", 0.0)
+            c["step"], c["cost_s"] = step, perf_counter() - t0 - sync_s
             self._buf.append(json.dumps({"type": "canary", **c}) + "\n")
-        if cfg.online_detect and self.world_size > 1 and cfg.detect_interval > 0 \
-                and step % cfg.detect_interval == 0:
+        if self.online is not None and step % cfg.detect_interval == 0:
             self._online(step)
         if len(self._buf) >= cfg.flush_interval:
             self.flush()
         self._cur_step = step + 1
         t_out = perf_counter()
-        self._tele_s = t_out - t_in
+        self._tele_s = t_out - t_in - sync_s
         self._tele_total += self._tele_s
         self._steps += 1
-        self._t_step0 = t_out
+        self._t_step0 = t_out - sync_s  # the probe's opening wait belongs to the next step (see Canaries.run)
 
     # ----- periodic work ---------------------------------------------------------------------
 
@@ -221,28 +226,21 @@ class Telemetry:
             self._buf.append(json.dumps({"type": "device", "step": s, "dev": self._dev_pending.pop(s)}) + "\n")
 
     def _online(self, step: int) -> None:
-        """All-gather a few medians per rank (one tiny collective) and run the online detectors."""
-        import torch.distributed as dist
+        """Hand this rank's window medians to online detection (see OnlineGather)."""
         t0 = perf_counter()
         window = list(self._history)[-self.cfg.detect_interval:]
-        vec = torch.tensor([_median([_signal(r, s) for r in window]) for s in ONLINE_SIGNALS],
-                           dtype=torch.float64, device=self._comm_device)
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        out = [torch.empty_like(vec) for _ in range(self.world_size)]
-        self._hb.enter("telemetry_gather", step)  # a hang here is watched like any phase
-        dist.all_gather(out, vec)
-        self._hb.exit()
-        gather_s = perf_counter() - t0
-        if self.detector is not None:
-            for msg in self.detector.update(step, torch.stack(out).cpu().numpy()):
-                log.warning("doctor: %s", msg)
-        self._buf.append(json.dumps({"type": "online", "step": step, "gather_s": gather_s,
-                                     "cost_s": perf_counter() - t0}) + "\n")
+        vec = [_median([_signal(r, s) for r in window]) for s in ONLINE_SIGNALS]
+        if self.online.store is None:  # no queue in this store: one tiny all_gather, watched like a phase
+            self._hb.enter("telemetry_gather", step)
+            self.online.all_gather(step, vec, self._comm_device)
+            self._hb.exit()
+        else:
+            self.online.push(step, vec)
+        self._buf.append(f'{{"type":"online","step":{step},"cost_s":{perf_counter() - t0:.6f}}}\n')
 
     def flush(self) -> None:
         if self.enabled and self._buf and not self._file.closed:
-            self._file.write("".join(self._buf))
+            self._file.write("".join(x if isinstance(x, str) else _line("step", x) for x in self._buf))
             self._file.flush()
             self._buf.clear()
 
@@ -266,6 +264,8 @@ class Telemetry:
             gc.callbacks.remove(self._on_gc)
         if self.watchdog is not None:
             self.watchdog.close()
+        if self.online is not None:
+            self.online.close()
         self.flush()
         self._file.close()
 

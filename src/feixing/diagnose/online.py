@@ -1,0 +1,116 @@
+"""Online detection without a collective: ranks push window medians to the store, rank 0 judges them.
+
+Every `detect_interval` steps each rank pushes one short line (its step, its rank and the
+medians of telemetry.ONLINE_SIGNALS over the window) onto a queue in the job's key-value store,
+the TCPStore that torch.distributed already runs for rendezvous. A push is one round trip to
+the store; unlike an all_gather it does not wait for the other ranks, so a slow rank does not
+make the telemetry of the others slow. On rank 0 a daemon thread (with its own store
+connection) drains the queue, assembles windows that every rank has reported, and runs
+detect.OnlineDetector on them; its warnings go to the training log. Where the store has no
+queues (torch < 2.7), each window is one tiny all_gather instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+
+import numpy as np
+import torch
+
+log = logging.getLogger("feixing.diagnose")
+
+POLL_S = 2.0  # rank 0's thread also drains this often when no window of its own woke it
+
+
+def _queue_store():
+    """The default process group's store if it supports queues, else None."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.queue_len("feixing/probe")
+        return store
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+class OnlineGather:
+    """One rank's side of online detection; on rank 0 also the detector and its thread."""
+
+    def __init__(self, run_dir: str, rank: int, world_size: int, store=None):
+        from feixing.diagnose.detect import OnlineDetector
+        self.rank, self.world_size = rank, world_size
+        # one queue per run directory, so runs that share a process group (tests) do not mix
+        self.key = "feixing/telemetry/" + hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+        self.store = store if store is not None else _queue_store()
+        self.detector = OnlineDetector(world_size) if rank == 0 else None
+        self.messages: list[tuple[int, str]] = []  # (window step, warning), rank 0
+        self._pending: dict[int, dict[int, list[float]]] = {}
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = None
+        if self.detector is not None and self.store is not None:
+            try:
+                self._reader = self.store.clone()  # its own connection: the main thread never queues behind it
+            except (AttributeError, RuntimeError, NotImplementedError):
+                self._reader = self.store
+            self._drain(judge=False)  # entries a crashed earlier run with this directory left behind
+            self._thread = threading.Thread(target=self._run, name="feixing-doctor", daemon=True)
+            self._thread.start()
+
+    def push(self, step: int, vec: list[float]) -> None:
+        """This rank's window medians to the queue (one store round trip, no wait for peers)."""
+        self.store.queue_push(self.key, " ".join([str(step), str(self.rank)] + [f"{v:.7g}" for v in vec]))
+        if self._thread is not None:
+            self._wake.set()
+
+    def all_gather(self, step: int, vec: list[float], device) -> None:
+        """Fallback where the store has no queues: every rank all-gathers the window medians."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        t = torch.tensor(vec, dtype=torch.float64, device=device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        if self.detector is not None:
+            self._judge(step, torch.stack(out).cpu().numpy())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(POLL_S)
+            self._wake.clear()
+            try:
+                self._drain()
+            except Exception as e:  # noqa: BLE001 - the store goes away when the job ends
+                if not self._stop.is_set():
+                    log.warning("online detection stopped: store unreachable (%s)", e)
+                return
+
+    def _drain(self, judge: bool = True) -> None:
+        """Pop everything queued; judge each window every rank has reported, oldest first."""
+        for _ in range(self._reader.queue_len(self.key)):
+            step, rank, *vals = self._reader.queue_pop(self.key, False).decode().split()
+            self._pending.setdefault(int(step), {})[int(rank)] = [float(v) for v in vals]
+        if not judge:
+            self._pending.clear()
+            return
+        for step in sorted(s for s, w in self._pending.items() if len(w) == self.world_size):
+            for older in [s for s in self._pending if s < step]:
+                del self._pending[older]  # a rank that skipped a window (restarted): it never completes
+            w = self._pending.pop(step)
+            self._judge(step, np.array([w[r] for r in range(self.world_size)]))
+
+    def _judge(self, step: int, m: np.ndarray) -> None:
+        for msg in self.detector.update(step, m):
+            log.warning("doctor: %s", msg)
+            self.messages.append((step, msg))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(timeout=5.0)
+            self._thread = None
