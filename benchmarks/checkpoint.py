@@ -202,12 +202,27 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
     records = method.close()
     persist = [r["persist_s"] for r in records if r.get("persist_s")]
     own = statistics.median(idle) if len(idle) >= 3 else base
-    return {"method": method.name, "blocked_s": blocked, "base_s": own, "idle_steps": len(idle),
+    return {"method": method.name, "blocked_s": blocked, "base_s": own, "idle_steps": len(idle), "idle_s": idle,
             "extra_step_s": [sum(d - own for d in dts) for dts in over_dts],
             "worst_step_slowdown": [max(d / own - 1 for d in dts) for dts in over_dts],
             "steps_overlapped": [len(dts) for dts in over_dts], "step_s": over_dts,
             "persist_s": persist, "rss_gb": rss,
             "overhead": loop_s / (saves * interval * own) - 1}
+
+
+def worst_vs_idle(r: dict) -> float:
+    """The slowest step while a save persisted against the slowest of as many steps without one.
+
+    On a noisy host the slowest of N ordinary steps is already well above the median (on this
+    VM identical steps vary by +-25%), so "no single step slower by more than 5%" is judged
+    against the expected maximum of N idle steps: their 1 - 1/(N+1) quantile."""
+    over = [d for dts in r["step_s"] for d in dts]
+    idle = sorted(r["idle_s"])
+    if not over or len(idle) < 5:
+        return float("nan")
+    q = 1 - 1 / (len(over) + 1)
+    ref = idle[min(int(q * len(idle)), len(idle) - 1)]
+    return 100 * (max(over) / ref - 1)
 
 
 def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:
@@ -221,6 +236,7 @@ def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:
             "lost_pct_of_interval": 100 * statistics.median(r["extra_step_s"]) / (interval * base),
             "lost_pct_of_overlapped": 100 * statistics.median(over) if over else 0.0,
             "worst_step_slowdown_pct": 100 * max(r["worst_step_slowdown"]),
+            "worst_step_vs_idle_pct": worst_vs_idle(r),
             "persist_s": persist, "persist_gbps": nbytes / 1e9 / persist,
             "persist_gbps_first": nbytes / 1e9 / r["persist_s"][0] if r["persist_s"] else 0.0,
             "persist_gbps_last": nbytes / 1e9 / r["persist_s"][-1] if r["persist_s"] else 0.0,
@@ -367,7 +383,8 @@ def main() -> None:
             row["rss_at_10_gb"] = r["rss_gb"][min(9, len(r["rss_gb"]) - 1)]
             every.append(row)
     cols = ["method", "base_step_s", "blocked_first_s", "blocked_median_s", "blocked_pct_of_step",
-            "lost_pct_of_interval", "lost_pct_of_overlapped", "worst_step_slowdown_pct", "persist_s", "persist_gbps",
+            "lost_pct_of_interval", "lost_pct_of_overlapped", "worst_step_slowdown_pct", "worst_step_vs_idle_pct",
+            "persist_s", "persist_gbps",
             "rss_first_gb", "rss_last_gb", "loop_overhead_pct"]
     print(f"device {device}, state {nbytes / 1e9:.2f} GB ({a.params / 1e6:.0f}M params + AdamW), "
           f"step {base * 1000:.0f} ms, save every {a.interval} steps, {a.saves} saves")

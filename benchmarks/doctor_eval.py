@@ -159,6 +159,33 @@ def one(pool, d: str, run: dict | None, seed: int, steps: int, tele=None, enable
     return pool.run(run_loop, d, steps, faults, tele, seed, ckpt_every=CKPT_EVERY, enabled=enabled, pin=True)
 
 
+def online_replay(data, interval: int = 50) -> list[tuple[int, str]]:
+    """The warnings rank 0's online detector would log: the same window medians each rank pushes
+    (telemetry.ONLINE_SIGNALS, every `interval` steps), fed to OnlineDetector from the records."""
+    from feixing.diagnose.detect import OnlineDetector
+    from feixing.diagnose.telemetry import ONLINE_SIGNALS
+    det, out = OnlineDetector(data.world_size), []
+    zero = np.zeros_like(data.sig["step"])
+    for end in range(interval, len(data.steps) + 1, interval):
+        w = slice(end - interval, end)
+        m = np.stack([np.nanmedian(data.sig.get(n, zero)[:, w], axis=1) for n in ONLINE_SIGNALS], axis=1)
+        out += [(int(data.steps[end - 1]), msg) for msg in det.update(int(data.steps[end - 1]), m)]
+    return out
+
+
+def online_hit(run: dict, msgs: list) -> int | None:
+    """Step of the first online warning that names the fault (rank and layer, or every rank)."""
+    layer = {"dispatch_ramp": "compute"}.get(run["kind"], EXPECTED_LAYER[run["kind"]])
+    for step, msg in msgs:
+        if step < run["onset"]:
+            continue
+        if run["ranks"] and msg.startswith(f"rank {run['ranks'][0]} is a straggler in {layer}"):
+            return step
+        if not run["ranks"] and msg.startswith(f"{layer} on every rank drifted"):
+            return step
+    return None
+
+
 def evaluate(manifest: dict, keep: str) -> tuple[list, list, list]:
     """Diagnose every stored run (offline, so detector changes can be re-scored without re-running)."""
     results, clean, over = [], [], []
@@ -168,6 +195,7 @@ def evaluate(manifest: dict, keep: str) -> tuple[list, list, list]:
         if rec["run"] is None:
             b = baselines(data, None)
             clean.append({"steps": len(data.steps), "findings": [x.summary for x in f],
+                          "online": [m for _, m in online_replay(data)],
                           "alarms": [x.summary for x in f if x.kind != "spike"],
                           "spikes": [f"{x.layer}: {x.summary}" for x in f if x.kind == "spike"],
                           "megatron": len(b["megatron"]), "nvrx": len(b["nvrx"])})
@@ -176,6 +204,7 @@ def evaluate(manifest: dict, keep: str) -> tuple[list, list, list]:
         else:
             run = rec["run"]
             r = judge(run, f, baselines(data, run["onset"]))
+            r["online_step"] = online_hit(run, online_replay(data))
             results.append(r)
             print(f"{run['kind']:16s} mag {run['magnitude']:<6g} onset {run['onset']:3d} seed {run['seed']} "
                   f"ranks {run['ranks']}: found={r['found']} delay={r['delay']} labels={r['labels']}", flush=True)
@@ -306,7 +335,8 @@ def summarize(results, clean, over, ab, wall) -> dict:
                "goal_steps": GOAL_STEPS.get(kind, 20),
                "within_goal": sum(1 for x in d if x <= GOAL_STEPS.get(kind, 20)),
                "wrong_findings": sum(r["wrong_after"] for r in rs), "wrong_spikes": sum(r["wrong_spikes"] for r in rs),
-               "before_onset": sum(r["before_onset"] for r in rs)}
+               "before_onset": sum(r["before_onset"] for r in rs),
+               "online_found": sum(r["online_step"] is not None for r in rs)}
         for b in ("megatron", "nvrx"):
             bd = [r[b]["delay"] for r in rs if r[b]["found"]]
             row[b] = {"found": sum(r[b]["found"] for r in rs), "delay_median": statistics.median(bd) if bd else None,
@@ -319,6 +349,7 @@ def summarize(results, clean, over, ab, wall) -> dict:
     return {"rows": rows, "clean_steps": clean_steps, "false_alarms": fa,
             "false_alarms_per_10k": fa / clean_steps * 1e4 if clean_steps else None,
             "clean_spike_findings": spikes,
+            "online_clean_warnings_per_10k": sum(len(c["online"]) for c in clean) / max(clean_steps, 1) * 1e4,
             "megatron_clean_alarms_per_10k": sum(c["megatron"] for c in clean) / max(clean_steps, 1) * 1e4,
             "nvrx_clean_alarms_per_10k": sum(c["nvrx"] for c in clean) / max(clean_steps, 1) * 1e4,
             "clean_runs": len(clean),
@@ -345,6 +376,9 @@ def print_table(s: dict) -> None:
           f"(checkpoint/gc/data, labelled); baselines on the same clean runs: "
           f"megatron {s['megatron_clean_alarms_per_10k']:.0f}, "
           f"nvrx {s['nvrx_clean_alarms_per_10k']:.0f} alarms per 10,000 steps")
+    hits = ", ".join(f"{r['kind']} {r['magnitude']:g}: {r['online_found']}/{r['runs']}" for r in s["rows"])
+    print(f"online (rank 0's warnings, replayed from the records): {s['online_clean_warnings_per_10k']:.1f} "
+          f"warnings per 10,000 clean steps; runs with a warning naming the fault: {hits}")
     print(f"overhead: end_step's own time {s['tele_per_step_ms']:.3f} ms + phase timers "
           f"{s['hot_path']['per_step_us'] / 1e3:.3f} ms per {s['step_ms']:.1f} ms step = "
           f"{s['overhead_internal']:.2%} (settings {TELE}); A/B wall on/off - 1 (defaults): "
