@@ -100,11 +100,15 @@ def test_cluster_wide_dispatch_drift(tmp_path):
 
 
 def test_compute_drift_without_dispatch_canary_is_compute(tmp_path):
-    ramp = lambda s: 0.01 * max(s - 100, 0) / 100
-    d = write_run(str(tmp_path), steps=700, noise=0.01,
+    ramp = lambda s: 0.04 * max(s - 100, 0) / 100  # backward +24% at the end
+    d = write_run(str(tmp_path / "big"), steps=700, noise=0.01,
                   extra=lambda r, s: {"backward": PH["backward"] * ramp(s)})
     drift = [x for x in diagnose_run(d) if x.kind == "drift"]
-    assert [(x.layer, x.ranks) for x in drift] == [("compute", [])]
+    assert [(x.layer, x.ranks) for x in drift] == [("compute", [])] and drift[0].magnitude >= 0.1
+    # a few % of compute growth with a flat dispatch canary is within a shared host's own wander
+    small = write_run(str(tmp_path / "small"), steps=700, noise=0.01,
+                      extra=lambda r, s: {"backward": PH["backward"] * ramp(s) / 4})
+    assert not [x for x in diagnose_run(small) if x.kind == "drift"]
 
 
 def test_slow_link_names_both_ends(tmp_path):

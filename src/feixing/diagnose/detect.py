@@ -50,7 +50,9 @@ DRIFT_MIN = 0.01           # smallest relative drift we report (1%)
 DRIFT_K_SIGMA = 0.5        # CUSUM slack in baseline sigmas (and at least DRIFT_MIN / 2)
 DRIFT_H_SIGMA = 5.0        # CUSUM alarm level in baseline sigmas (and at least DRIFT_H_MIN * DRIFT_MIN)
 DRIFT_H_MIN = 5.0
-ONLINE_H_SIGMA, ONLINE_H_MIN = 10.0, 8.0  # online: window medians are noisier, and a log warning should be rare
+# Online: window medians are noisier and the dispatch canary is not there to confirm a small
+# drift, and a warning in the log should be rare: a higher alarm level and at least 10% growth.
+ONLINE_H_SIGMA, ONLINE_H_MIN, ONLINE_DRIFT_MIN = 10.0, 8.0, 0.10
 DRIFT_SIGMA_FLOOR = 0.01   # the baseline never claims to be steadier than 1% per block
 SPIKE_RATIO = 1.5          # a spike step is this much over the rolling median step (checkpoint)
 SPIKE_RATIO_NOISY = 2.0    # ... for gc and data, whose pauses the machine's own noise also makes
@@ -247,7 +249,7 @@ class OnlineDetector:
     Each update gets a (ranks, len(ONLINE_SIGNALS)) matrix of per-rank window medians. The
     rules are the offline ones at window resolution: a straggler must be flagged in two
     consecutive windows; a drift is a CUSUM of the all-rank median against the first
-    DRIFT_BASE_BLOCKS windows, with a higher alarm level than offline (ONLINE_H_*). Each
+    DRIFT_BASE_BLOCKS windows, with a higher alarm level than offline (ONLINE_*). Each
     (kind, rank, layer) warns once.
     """
 
@@ -297,7 +299,7 @@ class OnlineDetector:
                 sigma = max(_robust_sigma((np.array(h) - base) / denom), DRIFT_SIGMA_FLOOR)
                 self.state[layer] = [base, denom, max(DRIFT_K_SIGMA * sigma, DRIFT_MIN / 2),
                                      max(ONLINE_H_SIGMA * sigma, ONLINE_H_MIN * DRIFT_MIN), 0.0,
-                                     max(3 * sigma, 3 * DRIFT_MIN), max(DRIFT_MIN, 2 * sigma)]
+                                     max(3 * sigma, 3 * DRIFT_MIN), max(ONLINE_DRIFT_MIN, 2 * sigma)]
             return None
         del h[:-4]  # keep only what the confirmation needs
         base, denom, k, hh, cs, cap, level = self.state[layer]

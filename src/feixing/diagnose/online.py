@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 
 import numpy as np
@@ -44,8 +43,9 @@ class OnlineGather:
     def __init__(self, run_dir: str, rank: int, world_size: int, store=None):
         from feixing.diagnose.detect import OnlineDetector
         self.rank, self.world_size = rank, world_size
-        # one queue per run directory, so runs that share a process group (tests) do not mix
-        self.key = "feixing/telemetry/" + hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+        # One queue per run directory, so runs that share a process group (tests) do not mix. The
+        # path as configured, not made absolute: every rank has the same config, not the same cwd.
+        self.key = "feixing/telemetry/" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]
         self.store = store if store is not None else _queue_store()
         self.detector = OnlineDetector(world_size) if rank == 0 else None
         self.messages: list[tuple[int, str]] = []  # (window step, warning), rank 0
