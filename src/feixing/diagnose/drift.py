@@ -3,12 +3,12 @@
 Drift: for each layer's time per step (data, compute = forward + backward + optimizer, gc,
 exposed comm) and every canary, for all ranks pooled and each rank alone, a CUSUM against an
 early baseline (detect.drift_test), on low quantiles: step signals as the q10 of each block of
-steps, canaries as the rolling minimum of the last CANARY_FLOOR(_RANK) canaries (over ranks, for
-"every rank"). Interference from other processes only adds time, so the lower envelope moves
-when the work itself got slower, not when a neighbour got busy. One finding per (scope,
-layer). A compute drift is labelled `dispatch` when the dispatch canary (a fixed sequence of
-tiny operators, which no model change affects) rose by at least half as much: on CPU, host
-dispatch and compute cannot be told apart otherwise.
+steps; canaries as the minimum over ranks (every rank) or the rolling minimum of the last
+CANARY_FLOOR_RANK canaries (one rank). Interference from other processes only adds time, so
+the lower envelope moves when the work itself got slower, not when a neighbour got busy. One
+finding per (scope, layer). A compute drift is labelled `dispatch` when the dispatch canary (a
+fixed sequence of tiny operators, which no model change affects) rose by at least half as
+much or drifted too: on CPU, host dispatch and compute cannot be told apart otherwise.
 
 Spikes: a step over SPIKE_RATIO x its rolling median is attributed to the known event whose
 phase explains at least half of the excess (checkpoint, gc, data).
@@ -46,7 +46,7 @@ COMM_H_SIGMA = 10.0  # ... and a higher CUSUM alarm level (other processes' load
 RANK_DRIFT_MIN = 0.05  # one rank alone: more series, more noise; smaller ones surface as stragglers
 # Compute time that drifts while the dispatch canary stays flat is the work or the host getting
 # slower; a shared host's own speed wanders by 3-10% over minutes (clean evaluation runs), so
-# only a large one is reported. With the canary rising too it is a dispatch drift, from 1%.
+# only a large one is reported. With the canary rising too it is a dispatch drift, from 1.5%.
 COMPUTE_DRIFT_MIN = 0.10
 # Canaries in the rolling minimum a canary drift is tested on. Every rank: 1 (none), the
 # minimum over ranks of canaries that are each the minimum of 3 warm repeats is steady enough,
