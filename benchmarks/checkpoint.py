@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from feixing.checkpoint import Manager
 from feixing.config.schema import CheckpointConfig
+from feixing.distributed.launch import free_port
 
 
 def build_state(n_params: float, device: str, block: int = 1 << 22):
@@ -301,10 +302,7 @@ def set_autogroup_nice(nice: int) -> None:
 
 
 def init_pg(device: str) -> None:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 

@@ -43,10 +43,10 @@ from feixing.diagnose.sim import run_loop
 from tests._dist import DistPool
 
 WORLD = 4
-# Telemetry at its defaults (canaries every 50 steps, collective probes every 200, online windows
+# Telemetry at its defaults (canaries every 50 steps, collective probes every 500, online windows
 # of 50), so the detection results and the overhead below are for the same settings; only the
 # hang timeout is short. Slow-link runs probe every 50 steps so that the 3-probe rule can fire
-# within a short run (at the default 200 it needs 600 steps after the onset).
+# within a short run (at the default 500 it needs 1500 steps after the onset).
 TELE = {"hang_timeout_s": 2.0}
 TELE_LINK = {**TELE, "probe_interval": 50}
 CKPT_EVERY = 25
@@ -240,28 +240,27 @@ def main() -> None:
     pool = DistPool(WORLD, timeout_s=600)
     t_start = time.time()
     manifest = {"runs": [], "ab": [], "wall_s": 0.0, "keep_awake": not args.no_keep_awake}
-    awake = contextlib.ExitStack()
-    awake.enter_context(keep_awake(not args.no_keep_awake))
-    try:
-        todo = [(f"clean{i}", None, 1000 + i, args.clean_steps) for i in range(args.clean_runs)]
-        todo += [(f"{r['kind']}-{r['magnitude']}-{r['onset']}-{r['seed']}", r, r["seed"], r["steps"]) for r in runs]
-        for name, run, seed, steps in todo:
-            res = one(pool, os.path.join(keep, name), run, seed, steps)
-            manifest["runs"].append({"name": name, "run": run, "res": res})
-            print(f"ran {name}", flush=True)
-        for i in range(args.ab_pairs):  # alternate the order so drifts in machine load cancel
-            order = [True, False] if i % 2 == 0 else [False, True]
-            walls = {}
-            for on in order:
-                res = one(pool, os.path.join(keep, "ab"), None, 2000 + i, 300, tele={}, enabled=on)
-                walls[on] = statistics.mean(x["wall_s"] for x in res)
-            manifest["ab"].append(walls[True] / walls[False] - 1)
-    finally:
-        awake.close()
-        pool.close()
-        manifest["wall_s"] = time.time() - t_start
-        with open(os.path.join(keep, "manifest.json"), "w") as fh:
-            json.dump(manifest, fh)
+    with keep_awake(not args.no_keep_awake):
+        try:
+            todo = [(f"clean{i}", None, 1000 + i, args.clean_steps) for i in range(args.clean_runs)]
+            todo += [(f"{r['kind']}-{r['magnitude']}-{r['onset']}-{r['seed']}", r, r["seed"], r["steps"])
+                     for r in runs]
+            for name, run, seed, steps in todo:
+                res = one(pool, os.path.join(keep, name), run, seed, steps)
+                manifest["runs"].append({"name": name, "run": run, "res": res})
+                print(f"ran {name}", flush=True)
+            for i in range(args.ab_pairs):  # alternate the order so drifts in machine load cancel
+                order = [True, False] if i % 2 == 0 else [False, True]
+                walls = {}
+                for on in order:
+                    res = one(pool, os.path.join(keep, "ab"), None, 2000 + i, 300, tele={}, enabled=on)
+                    walls[on] = statistics.mean(x["wall_s"] for x in res)
+                manifest["ab"].append(walls[True] / walls[False] - 1)
+        finally:
+            pool.close()
+            manifest["wall_s"] = time.time() - t_start
+            with open(os.path.join(keep, "manifest.json"), "w") as fh:
+                json.dump(manifest, fh)
     results, clean, over = evaluate(manifest, keep)
     finish(args.out, results, clean, over, manifest["ab"], manifest["wall_s"])
     if not args.keep:
@@ -271,8 +270,6 @@ def main() -> None:
 def phase_cost(n: int = 20000) -> dict:
     """Phase-timer cost in this process: 6 timed phases vs 6 empty `with`s per step (end_step's own
     time is in the records' tele_s, so it is not counted here)."""
-    import contextlib
-
     from feixing.config.schema import TelemetryConfig
     from feixing.diagnose.telemetry import Telemetry
 
@@ -371,18 +368,21 @@ def print_table(s: dict) -> None:
               f"{r['first_right']:6d} {dm:>13s} "
               f"{r['wrong_findings']:5d} {r['before_onset']:5d} | {mg['found']:>9d} / {mg['delay_median']!s:>8s} | "
               f"{nv['found']:>7d} / {nv['delay_median']!s:>6s}")
-    print(f"\nclean: {s['false_alarms']} false alarms (straggler/drift/hang) in {s['clean_steps']} steps = "
-          f"{s['false_alarms_per_10k']:.2f} per 10,000 steps; {s['clean_spike_findings']} event-spike findings "
-          f"(checkpoint/gc/data, labelled); baselines on the same clean runs: "
-          f"megatron {s['megatron_clean_alarms_per_10k']:.0f}, "
-          f"nvrx {s['nvrx_clean_alarms_per_10k']:.0f} alarms per 10,000 steps")
     hits = ", ".join(f"{r['kind']} {r['magnitude']:g}: {r['online_found']}/{r['runs']}" for r in s["rows"])
     print(f"online (rank 0's warnings, replayed from the records): {s['online_clean_warnings_per_10k']:.1f} "
           f"warnings per 10,000 clean steps; runs with a warning naming the fault: {hits}")
-    print(f"overhead: end_step's own time {s['tele_per_step_ms']:.3f} ms + phase timers "
-          f"{s['hot_path']['per_step_us'] / 1e3:.3f} ms per {s['step_ms']:.1f} ms step = "
-          f"{s['overhead_internal']:.2%} (settings {TELE}); A/B wall on/off - 1 (defaults): "
-          f"{[f'{x:+.2%}' for x in s['overhead_ab']]}")
+    if not s["clean_runs"]:  # false alarms and overhead come from the clean runs
+        print("no clean runs: no false-alarm rate or overhead")
+    else:
+        print(f"\nclean: {s['false_alarms']} false alarms (straggler/drift/hang) in {s['clean_steps']} steps = "
+              f"{s['false_alarms_per_10k']:.2f} per 10,000 steps; {s['clean_spike_findings']} event-spike findings "
+              f"(checkpoint/gc/data, labelled); baselines on the same clean runs: "
+              f"megatron {s['megatron_clean_alarms_per_10k']:.0f}, "
+              f"nvrx {s['nvrx_clean_alarms_per_10k']:.0f} alarms per 10,000 steps")
+        print(f"overhead: end_step's own time {s['tele_per_step_ms']:.3f} ms + phase timers "
+              f"{s['hot_path']['per_step_us'] / 1e3:.3f} ms per {s['step_ms']:.1f} ms step = "
+              f"{s['overhead_internal']:.2%} (settings {TELE}); A/B wall on/off - 1 (defaults): "
+              f"{[f'{x:+.2%}' for x in s['overhead_ab']]}")
     print(f"harness wall time (running the loops) {s['harness_wall_s']:.0f} s")
 
 

@@ -38,7 +38,7 @@ def write_run(d, steps=300, ranks=4, seed=0, noise=0.03, extra=None, ckpt_every=
             gc_s = ph[r].pop("gc", 0.0)
             rec = {"step": s, "step_s": sum(ph[r].values()) + gc_s, "ph": ph[r], "gc_s": gc_s, "gc_n": 0,
                    "tele_s": 0.0}
-            files[r].write(_line("step", rec))
+            files[r].write(_line(rec))
             if canary_every and s % canary_every == 0:
                 c = {"type": "canary", "step": s, "link_from": (r - 1) % ranks,
                      "dispatch_s": (dispatch(r, s) if dispatch else 4e-4) * rng.lognormal(0, 0.01),

@@ -109,6 +109,14 @@ def peer_excess(m: np.ndarray) -> np.ndarray:
     return out
 
 
+def minority(flags: np.ndarray) -> np.ndarray:
+    """Straggler flags (ranks along axis 0) kept only where fewer than half the ranks are flagged.
+
+    A straggler is a minority: where half the ranks or more are flagged together, no majority
+    defines "normal" (on an oversubscribed host, ranks sharing a core slow down together)."""
+    return flags & (2 * flags.sum(axis=0) < flags.shape[0])
+
+
 def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Finding]:
     if sig["step"].shape[0] < 3:  # peers need a majority to define "normal"
         return []
@@ -129,11 +137,7 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
         frac = exc / step_ref
         with np.errstate(all="ignore"):
             rel = exc / (m - exc)
-        flags = (frac > thr) & (rel > STRAGGLER_MIN_REL)
-        # A straggler is a minority: where half the ranks or more are flagged together, no
-        # majority defines "normal" (on an oversubscribed host, ranks sharing a core slow down
-        # together), so none of them counts at that step.
-        flags &= 2 * flags.sum(axis=0) < m.shape[0]
+        flags = minority((frac > thr) & (rel > STRAGGLER_MIN_REL))
         flags[:, : int(np.searchsorted(steps, steps[0] + STRAGGLER_WARMUP))] = False
         for r in range(m.shape[0]):
             flag = flags[r]
@@ -271,9 +275,7 @@ class OnlineDetector:
             for layer in ("data", "compute", "gc"):
                 exc = peer_excess(col[layer][:, None])[:, 0]
                 peer = col[layer] - exc
-                hits = (exc / step_med > STRAGGLER_MIN_FRAC) & (exc > STRAGGLER_MIN_REL * peer)
-                if 2 * hits.sum() >= self.world_size:  # not a minority: as offline
-                    hits[:] = False
+                hits = minority((exc / step_med > STRAGGLER_MIN_FRAC) & (exc > STRAGGLER_MIN_REL * peer))
                 for r in range(self.world_size):
                     hit = bool(hits[r])
                     key = ("straggler", r, layer)

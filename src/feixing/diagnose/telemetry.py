@@ -240,7 +240,7 @@ class Telemetry:
 
     def flush(self) -> None:
         if self.enabled and self._buf and not self._file.closed:
-            self._file.write("".join(x if isinstance(x, str) else _line("step", x) for x in self._buf))
+            self._file.write("".join(x if isinstance(x, str) else _line(x) for x in self._buf))
             self._file.flush()
             self._buf.clear()
 
@@ -308,10 +308,10 @@ def _read_sched(fd) -> float:
         return 0.0
 
 
-def _line(kind: str, rec: dict) -> str:
-    """One JSONL line; floats rounded to 1 us so records stay small."""
+def _line(rec: dict) -> str:
+    """One step record as a JSONL line; floats rounded to 1 us so records stay small."""
     ph = ",".join(f'"{k}":{v:.6f}' for k, v in rec["ph"].items())
     cpu = ",".join(f'"{k}":{v:.6f}' for k, v in rec.get("cpu", {}).items())
-    return (f'{{"type":"{kind}","step":{rec["step"]},"step_s":{rec["step_s"]:.6f},"ph":{{{ph}}},'
+    return (f'{{"type":"step","step":{rec["step"]},"step_s":{rec["step_s"]:.6f},"ph":{{{ph}}},'
             f'"cpu":{{{cpu}}},"gc_s":{rec["gc_s"]:.6f},"gc_n":{rec["gc_n"]},'
             f'"sched_s":{rec.get("sched_s", 0.0):.6f},"tele_s":{rec["tele_s"]:.6f}}}\n')
