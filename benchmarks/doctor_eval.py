@@ -137,7 +137,8 @@ def keep_awake(on: bool):
 
     On this VM a vCPU that idles (the loop's data-wait sleeps) comes back slower for a while:
     a process alternating 3 ms of compute with 5 ms sleeps saw its per-step CPU time move by
-    up to +36% for minutes, against +-2% with these loops running. SCHED_IDLE tasks run only
+    up to +43% for minutes, against -3..+5.5% with these loops running
+    (benchmarks/cpu_idle_noise.py). SCHED_IDLE tasks run only
     when nothing else in their scheduling group wants the core, and the ranks preempt them at
     once, so they take no time from the ranks."""
     cores = sorted(os.sched_getaffinity(0))
