@@ -6,6 +6,8 @@ state's device). Per method: time the loop is blocked per save, extra step time 
 persists (summed over the steps it overlaps, and the worst single step), persist GB/s, host
 memory (RSS of the process and its writer children) per save, and the loop's total overhead.
 `--every-step-saves N` then saves a small state after each of N steps (overhead; is memory flat?).
+`--interference` only measures how much the writer process slows the loop's work while it
+persists (writer switched on and off every 0.5 s, ABBA), which a noisy host's step times cannot show.
 
     PYTHONPATH=src python benchmarks/checkpoint.py --params 50e6 --saves 4 --interval 6
 """
@@ -245,6 +247,70 @@ def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:
             "loop_overhead_pct": 100 * r["overhead"]}
 
 
+def _writer_loop(path: str, on, stop) -> None:
+    """Child process: the real writer's persist() of a 16 MiB buffer, over and over, while `on`."""
+    from feixing.checkpoint.writer import lower_priority, persist
+
+    lower_priority()
+    buf = os.urandom(16 << 20)
+    while not stop.is_set():
+        if on.wait(0.05):
+            persist(buf, len(buf), b"{}", path)
+
+
+class MemoryWork:
+    """A memory-bound stand-in step: passes over a 64 MB tensor, calibrated to about `ms`."""
+
+    def __init__(self, ms: float):
+        self.x = torch.zeros(16 << 20)
+        self.k = 1
+        self.run()
+        t = self.run()
+        self.k = max(1, int(ms / 1000 / max(t, 1e-6)))
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.k):
+            self.x.add_(1.0)
+        return time.perf_counter() - t0
+
+
+def interference(root: str, unit_ms: float = 20.0, cycles: int = 40, window_s: float = 0.5) -> dict:
+    """How much slower the loop's work runs while the writer persists, alternating the writer on
+    and off every `window_s` (ABBA) so that the host's own slow changes of speed cancel out; for
+    a compute-bound unit (the stand-in step's matmuls) and a memory-bound one."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    on, stop = ctx.Event(), ctx.Event()
+    os.makedirs(root, exist_ok=True)
+    child = ctx.Process(target=_writer_loop, args=(os.path.join(root, "interference.bin"), on, stop))
+    child.start()
+    out = {}
+    try:
+        for name, unit in (("compute", Work("cpu", unit_ms)), ("memory", MemoryWork(unit_ms))):
+            times = {True: [], False: []}
+            for c in range(cycles):
+                state = c % 4 in (1, 2)
+                on.set() if state else on.clear()
+                t_end = time.perf_counter() + window_s
+                unit.run()  # the switch's own transition
+                while time.perf_counter() < t_end:
+                    times[state].append(unit.run())
+            on.clear()
+            on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+            out[name] = {"unit_ms_off": 1e3 * off_s, "unit_ms_on": 1e3 * on_s,
+                         "slowdown_pct": 100 * (on_s / off_s - 1),
+                         "units": {"on": len(times[True]), "off": len(times[False])}}
+            print(f"{name}-bound work next to a persisting writer: {1e3 * on_s:.2f} ms vs {1e3 * off_s:.2f} ms "
+                  f"without ({out[name]['slowdown_pct']:+.1f} %)", flush=True)
+    finally:
+        stop.set()
+        on.set()
+        child.join(30)
+    return out
+
+
 def _repeat(fn, stop) -> None:
     while not stop.is_set():
         fn()
@@ -325,6 +391,9 @@ def main() -> None:
                          "does not make other sessions' background jobs yield to this one")
     ap.add_argument("--gil-check", action="store_true",
                     help="only measure how a staging thread's copy calls slow a Python loop")
+    ap.add_argument("--interference", action="store_true",
+                    help="only measure how much slower the loop's work runs while the writer persists")
+    ap.add_argument("--interference-cycles", type=int, default=40, help="writer on/off windows of 0.5 s")
     ap.add_argument("--dir", default="/tmp/feixing-ckpt-bench")
     ap.add_argument("--out", default="benchmarks/results/checkpoint.json")
     a = ap.parse_args()
@@ -335,6 +404,11 @@ def main() -> None:
         res = gil_check()
         with open(a.out, "w") as f:
             json.dump(dict(res, loadavg=os.getloadavg(), torch=torch.__version__), f, indent=1)
+        return
+    if a.interference:
+        res = interference(os.path.join(a.dir, "interference"), cycles=a.interference_cycles)
+        with open(a.out, "w") as f:
+            json.dump(dict(res, loadavg=os.getloadavg(), torch=torch.__version__, argv=sys.argv[1:]), f, indent=1)
         return
     load_before = os.getloadavg()
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
