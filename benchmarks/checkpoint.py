@@ -113,6 +113,9 @@ class Feixing:
     def done(self) -> bool:
         return not self.ck.busy()
 
+    def flush(self) -> None:
+        self.ck.flush()
+
     def close(self) -> list[dict]:
         self.ck.close()
         return [{"persist_s": r.get("persist_s", 0) + r.get("commit_s", 0), "stage_s": r.get("stage_s")}
@@ -156,6 +159,10 @@ class Dcp:
 
     def done(self) -> bool:
         return self.fut is None or self.fut.done()
+
+    def flush(self) -> None:
+        if self.fut is not None:
+            self.fut.result()
 
     def close(self) -> list[dict]:
         if self.fut is not None:
@@ -211,6 +218,42 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
             "steps_overlapped": [len(dts) for dts in over_dts], "step_s": over_dts,
             "persist_s": persist, "rss_gb": rss,
             "overhead": loop_s / (saves * interval * own) - 1}
+
+
+def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) -> dict:
+    """Saving after every step against not saving, in alternating blocks of `block_steps` steps
+    (ABBA) in one loop, so the host's slow changes of speed fall on both alike. A saving block
+    ends by waiting for its last save, and that wait counts as its time."""
+    step, p0 = 1, app["model"][0]
+    t = {True: [], False: []}
+    for _ in range(3):  # warm-up, and the manager allocates its buffer
+        work.run()
+        method.after_step(step, app)
+        step += 1
+    for b in range(blocks):
+        saving = b % 4 in (1, 2)
+        t0 = time.perf_counter()
+        for _ in range(block_steps):
+            work.run()
+            method.before_optimizer()
+            with torch.no_grad():
+                p0.add_(1e-6)
+            method.after_step(step, app)
+            if saving:
+                method.save(step, app)
+            step += 1
+        if saving:
+            method.flush()
+        t[saving].append(time.perf_counter() - t0)
+    method.close()
+    pairs = [t[True][i] / t[False][i] - 1 for i in range(min(len(t[True]), len(t[False])))]
+    out = {"method": method.name, "blocks": blocks, "block_steps": block_steps,
+           "overhead_pct": 100 * (sum(t[True]) / sum(t[False]) - 1),
+           "pair_overhead_pct": sorted(100 * x for x in pairs), "block_s": {"saving": t[True], "not": t[False]}}
+    q = out["pair_overhead_pct"]
+    print(f"{method.name}: saving after every step costs {out['overhead_pct']:+.2f} % "
+          f"(block pairs: median {statistics.median(q):+.1f} %, range {q[0]:+.1f} .. {q[-1]:+.1f} %)", flush=True)
+    return out
 
 
 def worst_vs_idle(r: dict) -> float:
@@ -385,6 +428,8 @@ def main() -> None:
     ap.add_argument("--every-step-saves", type=int, default=0,
                     help="then save a small state after every step this many times")
     ap.add_argument("--every-step-params", type=float, default=2e6)
+    ap.add_argument("--every-step-ab", type=int, default=0,
+                    help="also: this many alternating blocks of 10 steps with and without a save after every step")
     ap.add_argument("--autogroup-nice", type=int, default=None,
                     help="run in a new session whose scheduler autogroup has this nice value "
                          "(e.g. -20 as root): with kernel.sched_autogroup_enabled=1, nice alone "
@@ -426,7 +471,7 @@ def main() -> None:
               "dcp_async_process": lambda d: Dcp(d, app, True, process=True),
               "dcp_sync": lambda d: Dcp(d, app, False)}
     results, table = [], []
-    for m in a.methods.split(","):
+    for m in a.methods.split(",") if a.saves > 0 else []:
         folder = os.path.join(a.dir, m)
         try:
             r = run_method(makers[m](folder), app, work, a.saves, a.interval, base, a.warmup)
@@ -454,6 +499,14 @@ def main() -> None:
             row["rss_max_gb"] = max(r["rss_gb"])
             row["rss_at_10_gb"] = r["rss_gb"][min(9, len(r["rss_gb"]) - 1)]
             every.append(row)
+    every_ab = []
+    if a.every_step_ab:
+        small, _ = build_state(a.every_step_params, device)
+        for m in a.methods.split(","):
+            if m != "dcp_sync":
+                every_ab.append(every_step_ab(makers[m](os.path.join(a.dir, "ab-" + m)), small, work,
+                                              a.every_step_ab, 10))
+                shutil.rmtree(os.path.join(a.dir, "ab-" + m), ignore_errors=True)
     cols = ["method", "base_step_s", "blocked_first_s", "blocked_median_s", "blocked_pct_of_step",
             "lost_pct_of_interval", "lost_pct_of_overlapped", "worst_step_slowdown_pct", "worst_step_vs_idle_pct",
             "persist_s", "persist_gbps",
@@ -476,7 +529,8 @@ def main() -> None:
            "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
            "autogroup_nice": a.autogroup_nice,
            "params": a.params, "step_s": base, "interval": a.interval, "saves": a.saves,
-           "summary": table, "raw": results, "every_step": every, "argv": sys.argv[1:]}
+           "summary": table, "raw": results, "every_step": every, "every_step_ab": every_ab,
+           "argv": sys.argv[1:]}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
