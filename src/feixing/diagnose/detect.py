@@ -132,11 +132,7 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
         thr = STRAGGLER_MIN_FRAC * {"data": 1.4, "compute": 1.2}.get(layer, 1.0)
         m = rolling(sig[layer], STRAGGLER_WINDOW)
         exc = peer_excess(m)
-        # data net of its own late wake-ups where recorded (report.load_run); otherwise, and for
-        # wall-time compute, the step's descheduled time in excess of the peers' (coarser: it
-        # also removes descheduling that happened in other phases)
-        net = (layer == "data" and "wait_sched" in sig) or (layer == "compute" and "cpu_forward" in sig)
-        if not net:
+        if layer != "compute" or "cpu_forward" not in sig:
             exc = exc - sched_exc
         frac = exc / step_ref
         with np.errstate(all="ignore"):

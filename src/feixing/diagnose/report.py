@@ -64,9 +64,7 @@ def load_run(run_dir: str) -> RunData:
     col = {s: i for i, s in enumerate(steps)}
     phases = {p for d in recs.values() for r in d.values() for p in r["ph"]}
     cpus = {p for d in recs.values() for r in d.values() for p in r.get("cpu", {})}
-    # records before wait_sched_s existed: the detectors fall back to the step's sched_s
-    net_wait = any("wait_sched_s" in r for d in recs.values() for r in d.values())
-    names = phases | {f"cpu_{p}" for p in cpus} | {"gc", "step", "sched"} | ({"wait_sched"} if net_wait else set())
+    names = phases | {f"cpu_{p}" for p in cpus} | {"gc", "step", "sched"}
     sig = {n: np.full((world, len(steps)), np.nan) for n in names}
     for rank, d in recs.items():
         for s, r in d.items():
@@ -74,16 +72,11 @@ def load_run(run_dir: str) -> RunData:
             sig["step"][rank, j] = r["step_s"]
             sig["gc"][rank, j] = r["gc_s"]
             sig["sched"][rank, j] = r.get("sched_s", 0.0)
-            if net_wait:
-                sig["wait_sched"][rank, j] = r.get("wait_sched_s", 0.0)
             for p in phases:
                 sig[p][rank, j] = r["ph"].get(p, 0.0)
             for p in cpus:
                 sig[f"cpu_{p}"][rank, j] = r.get("cpu", {}).get(p, 0.0)
     missing = np.isnan(sig["step"])
-    if net_wait and "data" in sig:
-        # waiting for data, net of the time the rank was runnable but another process had the core
-        sig["data"] = sig["data"] - np.nan_to_num(sig["wait_sched"])
     sig["compute_wall"] = sum(np.nan_to_num(sig[p]) for p in COMPUTE_PHASES if p in sig) + 0 * sig["step"]
     # Compute is measured where it runs: host CPU time on CPU devices (robust to other processes
     # taking the core), wall time otherwise.

@@ -44,28 +44,19 @@ ONLINE_SIGNALS = ("step", "data", "compute", "gc", "comm", "checkpoint")
 COMPUTE_PHASES = ("forward", "backward", "optimizer")
 
 
-# Phases that wait rather than compute: their time spent runnable but descheduled (the wait
-# ended, but another process had the core) is recorded per step, so the detectors can tell a
-# slow loader from a late wake-up. Two reads of /proc/self/schedstat per such phase (~3 us).
-WAIT_PHASES = ("data",)
-
-
 class _Phase:
     """Reusable context manager for one phase name (no generator, no allocation per use)."""
 
-    __slots__ = ("c0", "ev", "gc0", "name", "s0", "sched", "t0", "tele")
+    __slots__ = ("c0", "ev", "gc0", "name", "t0", "tele")
 
     def __init__(self, tele: Telemetry, name: str):
         self.tele, self.name, self.ev = tele, name, None
-        self.sched = name in WAIT_PHASES and tele._sched_fd is not None
 
     def __enter__(self):
         tele = self.tele
         self.gc0 = tele._gc_total
         if tele._cpu_clock:
             self.c0 = process_time()
-        if self.sched:
-            self.s0 = _read_sched(tele._sched_fd)
         self.t0 = perf_counter()
         if tele._faults is not None:  # inside the timed region: the fault is the phase being slow
             tele._faults.before_phase(self.name, tele._cur_step, tele._history)
@@ -82,8 +73,6 @@ class _Phase:
             cpu = tele._cpu
             cpu[self.name] = cpu.get(self.name, 0.0) + max(process_time() - self.c0 - gc_s, 0.0)
         dt = perf_counter() - self.t0 - gc_s
-        if self.sched:
-            tele._wait_sched += _read_sched(tele._sched_fd) - self.s0
         acc = tele._acc
         acc[self.name] = acc.get(self.name, 0.0) + dt
         tele._hb.exit()
@@ -134,7 +123,6 @@ class Telemetry:
         self._cpu: dict[str, float] = {}
         self._sched_fd = _open_schedstat()
         self._sched0 = _read_sched(self._sched_fd)
-        self._wait_sched = 0.0  # this step's descheduled time inside WAIT_PHASES
         self._events: deque = deque()
         self._dev_pending: dict = {}
         self._history: deque = deque(maxlen=64)  # recent step records, for faults and online windows
@@ -192,9 +180,8 @@ class Telemetry:
         sched = _read_sched(self._sched_fd)
         rec = {"step": step, "step_s": step_s, "ph": acc, "cpu": self._cpu,
                "gc_s": self._gc_total - self._gc_step0, "gc_n": self._gc_n - self._gc_n0,
-               "sched_s": sched - self._sched0, "wait_sched_s": self._wait_sched, "tele_s": self._tele_s}
+               "sched_s": sched - self._sched0, "tele_s": self._tele_s}
         self._sched0 = sched
-        self._wait_sched = 0.0
         self._gc_step0, self._gc_n0 = self._gc_total, self._gc_n
         self._acc = {}
         self._cpu = {}
@@ -292,8 +279,6 @@ def _signal(rec: dict, name: str) -> float:
     if name == "compute":
         src = rec.get("cpu") or ph  # CPU time on CPU devices (see Telemetry.__init__)
         return sum(src.get(p, 0.0) for p in COMPUTE_PHASES)
-    if name == "data":  # net of late wake-ups (see WAIT_PHASES)
-        return ph.get("data", 0.0) - rec.get("wait_sched_s", 0.0)
     return ph.get(name, 0.0)
 
 
@@ -329,5 +314,4 @@ def _line(rec: dict) -> str:
     cpu = ",".join(f'"{k}":{v:.6f}' for k, v in rec.get("cpu", {}).items())
     return (f'{{"type":"step","step":{rec["step"]},"step_s":{rec["step_s"]:.6f},"ph":{{{ph}}},'
             f'"cpu":{{{cpu}}},"gc_s":{rec["gc_s"]:.6f},"gc_n":{rec["gc_n"]},'
-            f'"sched_s":{rec.get("sched_s", 0.0):.6f},"wait_sched_s":{rec.get("wait_sched_s", 0.0):.6f},'
-            f'"tele_s":{rec["tele_s"]:.6f}}}\n')
+            f'"sched_s":{rec.get("sched_s", 0.0):.6f},"tele_s":{rec["tele_s"]:.6f}}}\n')
