@@ -7,7 +7,8 @@ persists (summed over the steps it overlaps, and the worst single step), persist
 memory (RSS of the process and its writer children) per save, and the loop's total overhead.
 `--every-step-saves N` then saves a small state after each of N steps (overhead; is memory flat?).
 `--interference` only measures how much the writer process slows the loop's work while it
-persists (writer switched on and off every 0.5 s, ABBA), which a noisy host's step times cannot show.
+persists (writer switched on and off every 0.5 s, ABBA), which a noisy host's step times cannot
+show; a thread running dcp.save in the loop's process is measured the same way for comparison.
 
     PYTHONPATH=src python benchmarks/checkpoint.py --params 50e6 --saves 4 --interval 6
 """
@@ -318,39 +319,61 @@ class MemoryWork:
         return time.perf_counter() - t0
 
 
+def _dcp_thread_loop(root: str, on, stop) -> None:
+    """Thread in the loop's own process: dcp.save of a 16 MiB state, over and over, while `on`
+    (what DCP's default async_save runs in the background)."""
+    sd = {"w": torch.randn(4 << 20)}
+    i = 0
+    while not stop.is_set():
+        if on.wait(0.05):
+            folder = os.path.join(root, f"dcp-{i % 2}")
+            shutil.rmtree(folder, ignore_errors=True)
+            dcp.save(sd, checkpoint_id=folder, no_dist=True)
+            i += 1
+
+
 def interference(root: str, unit_ms: float = 20.0, cycles: int = 40, window_s: float = 0.5) -> dict:
-    """How much slower the loop's work runs while the writer persists, alternating the writer on
-    and off every `window_s` (ABBA) so that the host's own slow changes of speed cancel out; for
-    a compute-bound unit (the stand-in step's matmuls) and a memory-bound one."""
+    """How much slower the loop's work runs while a save persists in the background, alternating
+    the background work on and off every `window_s` (ABBA) so that the host's own slow changes of
+    speed cancel out; for a compute-bound unit (the stand-in step's matmuls) and a memory-bound
+    one. Background: feixing's writer process, and for comparison a thread running dcp.save."""
     import multiprocessing as mp
+    import threading
 
     ctx = mp.get_context("spawn")
-    on, stop = ctx.Event(), ctx.Event()
     os.makedirs(root, exist_ok=True)
-    child = ctx.Process(target=_writer_loop, args=(os.path.join(root, "interference.bin"), on, stop))
-    child.start()
+    units = (("compute", Work("cpu", unit_ms)), ("memory", MemoryWork(unit_ms)))
     out = {}
-    try:
-        for name, unit in (("compute", Work("cpu", unit_ms)), ("memory", MemoryWork(unit_ms))):
-            times = {True: [], False: []}
-            for c in range(cycles):
-                state = c % 4 in (1, 2)
-                on.set() if state else on.clear()
-                t_end = time.perf_counter() + window_s
-                unit.run()  # the switch's own transition
-                while time.perf_counter() < t_end:
-                    times[state].append(unit.run())
-            on.clear()
-            on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
-            out[name] = {"unit_ms_off": 1e3 * off_s, "unit_ms_on": 1e3 * on_s,
-                         "slowdown_pct": 100 * (on_s / off_s - 1),
-                         "units": {"on": len(times[True]), "off": len(times[False])}}
-            print(f"{name}-bound work next to a persisting writer: {1e3 * on_s:.2f} ms vs {1e3 * off_s:.2f} ms "
-                  f"without ({out[name]['slowdown_pct']:+.1f} %)", flush=True)
-    finally:
-        stop.set()
-        on.set()
-        child.join(30)
+    for writer in ("feixing_process", "dcp_thread"):
+        if writer == "feixing_process":
+            on, stop = ctx.Event(), ctx.Event()
+            bg = ctx.Process(target=_writer_loop, args=(os.path.join(root, "interference.bin"), on, stop))
+        else:
+            on, stop = threading.Event(), threading.Event()
+            bg = threading.Thread(target=_dcp_thread_loop, args=(root, on, stop), daemon=True)
+        bg.start()
+        try:
+            for name, unit in units:
+                times = {True: [], False: []}
+                for c in range(cycles):
+                    state = c % 4 in (1, 2)
+                    on.set() if state else on.clear()
+                    t_end = time.perf_counter() + window_s
+                    unit.run()  # the switch's own transition
+                    while time.perf_counter() < t_end:
+                        times[state].append(unit.run())
+                on.clear()
+                on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+                key = name if writer == "feixing_process" else f"{name}_dcp_thread"
+                out[key] = {"unit_ms_off": 1e3 * off_s, "unit_ms_on": 1e3 * on_s,
+                            "slowdown_pct": 100 * (on_s / off_s - 1),
+                            "units": {"on": len(times[True]), "off": len(times[False])}}
+                print(f"{name}-bound work next to {writer}: {1e3 * on_s:.2f} ms vs {1e3 * off_s:.2f} ms "
+                      f"without ({out[key]['slowdown_pct']:+.1f} %)", flush=True)
+        finally:
+            stop.set()
+            on.set()
+            bg.join(30)
     return out
 
 
