@@ -50,13 +50,17 @@ def build_state(n_params: float, device: str, block: int = 1 << 22):
 
 
 class Work:
-    """A fixed amount of compute per step (matmuls) on `device`, calibrated to about `ms`."""
+    """A fixed amount of work per step on `device`, calibrated to about `ms`: matmuls (compute-
+    bound, L2-resident) or, with memory=True, passes over a 64 MB tensor (memory-bound)."""
 
-    def __init__(self, device: str, ms: float):
-        self.device = device
+    def __init__(self, device: str, ms: float, memory: bool = False):
+        self.device, self.memory = device, memory
         n = 2048 if device == "cuda" else 384
-        self.a = torch.randn(n, n, device=device)
-        self.b = torch.randn(n, n, device=device)
+        if memory:
+            self.x = torch.zeros(16 << 20, device=device)
+        else:
+            self.a = torch.randn(n, n, device=device)
+            self.b = torch.randn(n, n, device=device)
         self.k = 10
         self.run()  # warm up (library init, caches)
         t = self.run() / 10
@@ -65,10 +69,19 @@ class Work:
     def run(self) -> float:
         t0 = time.perf_counter()
         for _ in range(self.k):
-            self.a = torch.tanh(self.a @ self.b * 1e-3)
+            if self.memory:
+                self.x.add_(1.0)
+            else:
+                self.a = torch.tanh(self.a @ self.b * 1e-3)
         if self.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+
+def abba(i: int) -> bool:
+    """Whether slot i of an A-B-B-A-... alternation is B: slow changes of the host's speed fall
+    on both sides alike."""
+    return i % 4 in (1, 2)
 
 
 def rss_gb() -> float:
@@ -166,8 +179,7 @@ class Dcp:
             self.fut.result()
 
     def close(self) -> list[dict]:
-        if self.fut is not None:
-            self.fut.result()
+        self.flush()
         return self.records
 
 
@@ -232,7 +244,7 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
         method.after_step(step, app)
         step += 1
     for b in range(blocks):
-        saving = b % 4 in (1, 2)
+        saving = abba(b)
         t0 = time.perf_counter()
         for _ in range(block_steps):
             work.run()
@@ -291,45 +303,35 @@ def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:
             "loop_overhead_pct": 100 * r["overhead"]}
 
 
+def _while_on(on, stop, work) -> None:
+    """Background load for interference(): repeat `work()` while `on` is set, until `stop`."""
+    while not stop.is_set():
+        if on.wait(0.05):
+            work()
+
+
 def _writer_loop(path: str, on, stop) -> None:
     """Child process: the real writer's persist() of a 16 MiB buffer, over and over, while `on`."""
     from feixing.checkpoint.writer import lower_priority, persist
 
     lower_priority()
     buf = os.urandom(16 << 20)
-    while not stop.is_set():
-        if on.wait(0.05):
-            persist(buf, len(buf), b"{}", path)
-
-
-class MemoryWork:
-    """A memory-bound stand-in step: passes over a 64 MB tensor, calibrated to about `ms`."""
-
-    def __init__(self, ms: float):
-        self.x = torch.zeros(16 << 20)
-        self.k = 1
-        self.run()
-        t = self.run()
-        self.k = max(1, int(ms / 1000 / max(t, 1e-6)))
-
-    def run(self) -> float:
-        t0 = time.perf_counter()
-        for _ in range(self.k):
-            self.x.add_(1.0)
-        return time.perf_counter() - t0
+    _while_on(on, stop, lambda: persist(buf, len(buf), b"{}", path))
 
 
 def _dcp_thread_loop(root: str, on, stop) -> None:
     """Thread in the loop's own process: dcp.save of a 16 MiB state, over and over, while `on`
     (what DCP's default async_save runs in the background)."""
     sd = {"w": torch.randn(4 << 20)}
-    i = 0
-    while not stop.is_set():
-        if on.wait(0.05):
-            folder = os.path.join(root, f"dcp-{i % 2}")
-            shutil.rmtree(folder, ignore_errors=True)
-            dcp.save(sd, checkpoint_id=folder, no_dist=True)
-            i += 1
+    count = [0]
+
+    def save():
+        folder = os.path.join(root, f"dcp-{count[0] % 2}")
+        shutil.rmtree(folder, ignore_errors=True)
+        dcp.save(sd, checkpoint_id=folder, no_dist=True)
+        count[0] += 1
+
+    _while_on(on, stop, save)
 
 
 def interference(root: str, unit_ms: float = 20.0, cycles: int = 40, window_s: float = 0.5) -> dict:
@@ -342,7 +344,7 @@ def interference(root: str, unit_ms: float = 20.0, cycles: int = 40, window_s: f
 
     ctx = mp.get_context("spawn")
     os.makedirs(root, exist_ok=True)
-    units = (("compute", Work("cpu", unit_ms)), ("memory", MemoryWork(unit_ms)))
+    units = (("compute", Work("cpu", unit_ms)), ("memory", Work("cpu", unit_ms, memory=True)))
     out = {}
     for writer in ("feixing_process", "dcp_thread"):
         if writer == "feixing_process":
@@ -356,7 +358,7 @@ def interference(root: str, unit_ms: float = 20.0, cycles: int = 40, window_s: f
             for name, unit in units:
                 times = {True: [], False: []}
                 for c in range(cycles):
-                    state = c % 4 in (1, 2)
+                    state = abba(c)
                     on.set() if state else on.clear()
                     t_end = time.perf_counter() + window_s
                     unit.run()  # the switch's own transition

@@ -4,14 +4,14 @@ import time
 
 import torch.distributed as dist
 
-from feixing.diagnose.online import OnlineGather
+from feixing.diagnose.online import OnlineGather, encode
 from feixing.diagnose.telemetry import ONLINE_SIGNALS
 from tests._dist import free_port
 
 
 def _window(step, rank, compute):
     vals = {"step": 0.1, "data": 0.01, "compute": compute, "gc": 0.0, "comm": 0.01, "checkpoint": 0.0}
-    return " ".join([str(step), str(rank)] + [f"{vals[n]:.7g}" for n in ONLINE_SIGNALS])
+    return encode(step, rank, [vals[n] for n in ONLINE_SIGNALS])
 
 
 def test_rank0_judges_complete_windows_from_the_store_queue(tmp_path):

@@ -24,6 +24,11 @@ log = logging.getLogger("feixing.diagnose")
 POLL_S = 2.0  # rank 0's thread also drains this often when no window of its own woke it
 
 
+def encode(step: int, rank: int, vec: list[float]) -> str:
+    """One queue entry: a rank's window medians (telemetry.ONLINE_SIGNALS) at the window's last step."""
+    return " ".join([str(step), str(rank)] + [f"{v:.7g}" for v in vec])
+
+
 def _queue_store():
     """The default process group's store if it supports queues, else None."""
     import torch.distributed as dist
@@ -63,7 +68,7 @@ class OnlineGather:
 
     def push(self, step: int, vec: list[float]) -> None:
         """This rank's window medians to the queue (one store round trip, no wait for peers)."""
-        self.store.queue_push(self.key, " ".join([str(step), str(self.rank)] + [f"{v:.7g}" for v in vec]))
+        self.store.queue_push(self.key, encode(step, self.rank, vec))
         if self._thread is not None:
             self._wake.set()
 
