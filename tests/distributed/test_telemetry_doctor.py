@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from feixing.diagnose.drift import CANARY_FLOOR, CANARY_FLOOR_RANK, _floor
 from feixing.diagnose.report import diagnose_run, doctor_main, load_run
 from feixing.diagnose.sim import run_loop
 
@@ -17,13 +18,24 @@ def _loop(rank, world_size, run_dir, steps, faults, seed):
 
 
 def _host_dispatch_rose(run_dir: str, finding) -> bool:
-    """Whether the dispatch canary itself (its minimum over the ranks, as the detector reads it)
-    ended at least half the finding's magnitude above its first canaries: on a shared VM the
-    host's dispatch speed can really change during a clean run (CI runs on one), and then a
-    dispatch drift is a true finding, not a false one."""
+    """Whether the dispatch canary itself rose by at least half the finding's magnitude between
+    its first canaries and its last three, in the series the detector tests: a rank's rolling
+    minimum for a one-rank drift; for a drift on every rank, the minimum over the ranks or (as
+    the detector merges them) at least half the ranks' own series.
+    The canary times a fixed sequence of tiny operators, independent of the loop's work: on a
+    shared VM the host's dispatch speed can really change during a clean run (CI runs on one,
+    and this run's canaries moved by 6-30 % there), and then a dispatch drift is a true finding.
+    Every other straggler or drift in the clean run is still a failure."""
     can = load_run(run_dir).can
-    series = np.nanmin(can.get("dispatch_cpu_s", can["dispatch_s"]), axis=0)
-    return bool(np.median(series[-2:]) >= (1 + 0.5 * finding.magnitude) * np.median(series[:4]))
+    m = can.get("dispatch_cpu_s", can["dispatch_s"])
+
+    def rose(series):
+        return bool(np.median(series[-3:]) >= (1 + 0.5 * finding.magnitude) * np.median(series[:4]))
+
+    ranks = [rose(_floor(m[r], CANARY_FLOOR_RANK)) for r in range(m.shape[0])]
+    if finding.ranks:
+        return ranks[finding.ranks[0]]
+    return rose(_floor(np.nanmin(m, axis=0), CANARY_FLOOR)) or 2 * sum(ranks) >= len(ranks)
 
 
 def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
@@ -44,7 +56,7 @@ def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
     res = pool4.run(_loop, clean, 80, [], 1)
     assert not [m for _, m in res[0]["online_messages"] if "straggler" in m]
     found = [f for f in diagnose_run(clean) if f.kind in ("straggler", "drift", "hang")]
-    host = [f for f in found if (f.kind, f.layer, f.ranks) == ("drift", "dispatch", []) and _host_dispatch_rose(clean, f)]
+    host = [f for f in found if (f.kind, f.layer) == ("drift", "dispatch") and _host_dispatch_rose(clean, f)]
     assert not [f for f in found if f not in host], found
 
     # rank 1 stops before backward at step 10 for 3 s; the others wait in the gradient all_reduce
