@@ -1,6 +1,6 @@
 """How much do checkpoints cost the loop? feixing vs DCP async_save vs synchronous dcp.save, one run.
 
-A model of `--params` fp32 parameters with AdamW state (12 bytes per parameter in all) is saved
+A model of `--params` fp32 (or `--dtype bf16`) parameters with AdamW state (12 or 6 bytes per parameter) is saved
 every `--interval` steps of a fixed compute loop that stands for training steps (matmuls on the
 state's device). Per method: time the loop is blocked per save, extra step time while a save
 persists (summed over the steps it overlaps, and the worst single step), persist GB/s, host
@@ -34,18 +34,19 @@ from feixing.config.schema import CheckpointConfig
 from feixing.distributed.launch import free_port
 
 
-def build_state(n_params: float, device: str, block: int = 1 << 22):
-    """ParameterList of `block`-sized tensors + AdamW with its state created by one real step."""
+def build_state(n_params: float, device: str, block: int = 1 << 22, dtype=torch.float32):
+    """ParameterList of `block`-sized tensors + AdamW with its state created by one real step
+    (AdamW's moments take the parameters' dtype: 12 bytes per parameter in fp32, 6 in bf16)."""
     n = int(n_params)
     sizes = [block] * (n // block) + ([n % block] if n % block else [])
-    model = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s, device=device) * 0.02)
+    model = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02)
                                    for s in sizes)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     for p in model:
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
     opt.zero_grad(set_to_none=True)
-    nbytes = sum(p.numel() * 4 * 3 for p in model)
+    nbytes = sum(p.numel() * p.element_size() * 3 for p in model)
     return {"model": model, "optim": opt, "loader": {"sample": 0}}, nbytes
 
 
@@ -444,6 +445,8 @@ def init_pg(device: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=50e6)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="parameters and AdamW moments (bf16: a 1B-parameter state fits this machine)")
     ap.add_argument("--saves", type=int, default=4)
     ap.add_argument("--interval", type=int, default=6, help="steps between saves")
     ap.add_argument("--warmup", type=int, default=5, help="steps before the first save")
@@ -484,7 +487,7 @@ def main() -> None:
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     init_pg(device)
     shutil.rmtree(a.dir, ignore_errors=True)
-    app, nbytes = build_state(a.params, device)
+    app, nbytes = build_state(a.params, device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
     work = Work(device, a.step_ms or (100 if device == "cuda" else 300))
     for _ in range(2):
         work.run()
@@ -536,7 +539,7 @@ def main() -> None:
             "lost_pct_of_interval", "lost_pct_of_overlapped", "worst_step_slowdown_pct", "worst_step_vs_idle_pct",
             "persist_s", "persist_gbps",
             "rss_first_gb", "rss_last_gb", "loop_overhead_pct"]
-    print(f"device {device}, state {nbytes / 1e9:.2f} GB ({a.params / 1e6:.0f}M params + AdamW), "
+    print(f"device {device}, state {nbytes / 1e9:.2f} GB ({a.params / 1e6:.0f}M {a.dtype} params + AdamW), "
           f"step {base * 1000:.0f} ms, save every {a.interval} steps, {a.saves} saves")
     print(" | ".join(cols))
     for row in table:
@@ -553,7 +556,7 @@ def main() -> None:
     out = {"device": device, "torch": torch.__version__, "state_gb": nbytes / 1e9,
            "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
            "autogroup_nice": a.autogroup_nice,
-           "params": a.params, "step_s": base, "interval": a.interval, "saves": a.saves,
+           "params": a.params, "dtype": a.dtype, "step_s": base, "interval": a.interval, "saves": a.saves,
            "summary": table, "raw": results, "every_step": every, "every_step_ab": every_ab,
            "argv": sys.argv[1:]}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

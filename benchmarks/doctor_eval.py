@@ -380,7 +380,8 @@ def print_table(s: dict) -> None:
               f"(checkpoint/gc/data, labelled); baselines on the same clean runs: "
               f"megatron {s['megatron_clean_alarms_per_10k']:.0f}, "
               f"nvrx {s['nvrx_clean_alarms_per_10k']:.0f} alarms per 10,000 steps")
-        print(f"overhead: end_step's own time {s['tele_per_step_ms']:.3f} ms + phase timers "
+        print(f"timed overhead (the real cost is 2-3x this: benchmarks/doctor_ab.py): end_step's own time "
+              f"{s['tele_per_step_ms']:.3f} ms + phase timers "
               f"{s['hot_path']['per_step_us'] / 1e3:.3f} ms per {s['step_ms']:.1f} ms step = "
               f"{s['overhead_internal']:.2%} (settings {TELE}); A/B wall on/off - 1 (defaults): "
               f"{[f'{x:+.2%}' for x in s['overhead_ab']]}")

@@ -11,7 +11,8 @@ each rank's records, and amortizes the measured cost of each item at the interva
              + online push cost / detect_interval
              + phase timers (measured in-process: 6 timed vs 6 empty `with`s)
 
-and divides by the median step time. Telemetry's own times exclude the wait in the barrier
+and divides by the median step time (timed work only: the loop with telemetry on against off,
+benchmarks/doctor_ab.py, shows the real cost is 2-3x this). Telemetry's own times exclude the wait in the barrier
 that opens the probes (the ranks' arrival skew, which the next collective would absorb).
 
     PYTHONPATH=src .venv/bin/python benchmarks/doctor_overhead.py [--steps 60] [--nproc 4]

@@ -12,6 +12,7 @@ from feixing.config.schema import FaultConfig, TelemetryConfig
 from feixing.diagnose import Telemetry
 from feixing.diagnose.faults import FaultInjector, check_faults
 from feixing.diagnose.report import doctor_main, hang_findings, load_run
+from feixing.diagnose.sim import run_loop
 from feixing.diagnose.watchdog import Heartbeat, Watchdog, laggards
 from tests.unit.test_doctor_detect import write_run
 
@@ -90,6 +91,19 @@ def test_watchdog_names_the_rank_that_did_not_arrive(tmp_path):
     f = hang_findings([rep])[0]
     assert (f.kind, f.ranks, f.first_step) == ("hang", [1], 7) and "rank 1 did not arrive at 'comm'" in f.summary
     assert laggards({0: {"seq": 5}, 1: {"seq": 5}}, 3) == ([], [2])
+    # heartbeat times are perf_counter readings; the files other ranks read carry wall-clock times
+    snap = hb.snapshot()
+    assert abs(snap["t_enter"] - time.time()) < 5 and abs(snap["recent"][-1][3] - time.time()) < 5
+
+
+def test_ab_blocks_switch_telemetry_and_cpu_clock_is_read_for_compute_only(tmp_path):
+    out = run_loop(0, 1, str(tmp_path), 16, data_s=0.0, ckpt_every=0, ab_block=2)
+    assert out["ab_on"] == ([True] * 2 + [False] * 4 + [True] * 2) * 2 and len(out["ab_walls"]) == 16
+    recs = [json.loads(x) for x in (tmp_path / "telemetry" / "rank-00000.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 9))  # telemetry numbers the steps it sees
+    assert {tuple(sorted(r["cpu"])) for r in steps} == {("backward", "forward", "optimizer")}
+    assert set(steps[0]["ph"]) == {"data", "forward", "backward", "comm", "optimizer"}
 
 
 def test_doctor_main_json_and_html(tmp_path, capsys):

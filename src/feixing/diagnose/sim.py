@@ -25,11 +25,16 @@ from feixing.diagnose.telemetry import Telemetry
 
 def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[dict] | None = None,
              telemetry: dict | None = None, seed: int = 0, hidden: int = 192, batch: int = 128,
-             data_s: float = 0.003, ckpt_every: int = 50, enabled: bool = True, pin: bool = False) -> dict:
+             data_s: float = 0.003, ckpt_every: int = 50, enabled: bool = True, pin: bool = False,
+             ab_block: int = 0) -> dict:
     """Run `steps` training-like steps; returns timing totals (and the telemetry's own cost).
 
     pin: bind rank r to core r % cores, as a launcher's CPU affinity would (an even, fixed
-    placement; otherwise where the scheduler puts the ranks changes their speed)."""
+    placement; otherwise where the scheduler puts the ranks changes their speed).
+    ab_block: switch telemetry on and off in blocks of this many steps (on, off, off, on, ...;
+    every rank alike) and return each step's wall time and state, for a direct measurement of
+    telemetry's cost in the same run. Telemetry numbers its own steps, so its canaries, probes
+    and online windows come at their configured rates of the steps it sees."""
     torch.set_num_threads(1)
     if pin and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
@@ -37,6 +42,8 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     cfg = TelemetryConfig(**{"enabled": enabled, **(telemetry or {})})
     fcfg = [FaultConfig(**f) for f in (faults or [])]
     tele = Telemetry(cfg, faults=fcfg, run_dir=run_dir, rank=rank, world_size=world_size)
+    tele_off = Telemetry(TelemetryConfig(enabled=False))
+    walls, state, n_on = [], [], 0
     g = torch.Generator().manual_seed(seed)
     w1 = (torch.randn(hidden, 4 * hidden, generator=g) / hidden**0.5).requires_grad_()
     w2 = (torch.randn(4 * hidden, hidden, generator=g) / (4 * hidden) ** 0.5).requires_grad_()
@@ -44,20 +51,22 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     flat = torch.zeros(sum(p.numel() for p in params))
     rng = random.Random(seed * 1000 + rank)
     xg = torch.Generator().manual_seed(seed * 1000 + rank)
-    t_start = time.perf_counter()
+    t_start = t_prev = time.perf_counter()
     for step in range(1, steps + 1):
-        with tele.phase("data"):
+        on = not ab_block or ((step - 1) // ab_block) % 4 in (0, 3)
+        t = tele if on else tele_off
+        with t.phase("data"):
             wait(data_s * (0.8 + 0.4 * rng.random()))  # sleep, then spin the last ms: wakes on time
             x = torch.randn(batch, hidden, generator=xg)
-        with tele.phase("forward"):
+        with t.phase("forward"):
             loss = (torch.relu(x @ w1) @ w2).pow(2).mean()
-        with tele.phase("backward"):
+        with t.phase("backward"):
             loss.backward()
-        with tele.phase("comm"):
+        with t.phase("comm"):
             torch.cat([p.grad.reshape(-1) for p in params], out=flat)
             if world_size > 1:
                 dist.all_reduce(flat)
-        with tele.phase("optimizer"), torch.no_grad():
+        with t.phase("optimizer"), torch.no_grad():
             off = 0
             for p in params:
                 n = p.numel()
@@ -65,12 +74,21 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
                 p.grad = None
                 off += n
         if ckpt_every and step % ckpt_every == 0:
-            with tele.phase("checkpoint"):
+            with t.phase("checkpoint"):
                 torch.save({"w1": w1.detach(), "w2": w2.detach()}, io.BytesIO())
-        tele.end_step(step)
+        if on:
+            n_on += 1
+            tele.end_step(step if not ab_block else n_on)
+        if ab_block:
+            now = time.perf_counter()
+            walls.append(now - t_prev)
+            state.append(on)
+            t_prev = now
     wall = time.perf_counter() - t_start
     tele.close()  # rank 0's online detection finishes the windows it has
     out = {"wall_s": wall, "steps": steps}
+    if ab_block:
+        out["ab_walls"], out["ab_on"] = walls, state
     if enabled:
         out["tele_overhead"] = tele.overhead()
         out["tele_total_s"] = tele._tele_total

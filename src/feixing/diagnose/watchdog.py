@@ -24,25 +24,35 @@ log = logging.getLogger("feixing.diagnose")
 
 
 class Heartbeat:
-    """What the training thread updates; plain attributes, so an update costs < 1 us."""
+    """What the training thread updates; plain attributes, so an update costs < 1 us.
+
+    Times are `perf_counter` readings (the phase timer's own, so entering a phase reads no extra
+    clock); `snapshot()` turns them into wall-clock times for the files other ranks read."""
 
     __slots__ = ("open", "phase", "recent", "seq", "step", "t_enter")
 
     def __init__(self):
-        self.seq, self.step, self.phase, self.open, self.t_enter = 0, None, "", False, time.time()
+        self.seq, self.step, self.phase, self.open, self.t_enter = 0, None, "", False, time.perf_counter()
         self.recent: deque = deque(maxlen=8)
 
-    def enter(self, phase: str, step) -> None:
+    def enter(self, phase: str, step, t: float | None = None) -> None:
         self.seq += 1
-        self.step, self.phase, self.open, self.t_enter = step, phase, True, time.time()
-        self.recent.append((self.seq, step, phase, self.t_enter))
+        self.step, self.phase, self.open = step, phase, True
+        self.t_enter = t = time.perf_counter() if t is None else t
+        self.recent.append((self.seq, step, phase, t))
 
     def exit(self) -> None:
         self.open = False
 
+    def age(self) -> float:
+        """Seconds since the current phase was entered."""
+        return time.perf_counter() - self.t_enter
+
     def snapshot(self) -> dict:
+        wall = time.time() - time.perf_counter()  # perf_counter -> wall clock
         return {"seq": self.seq, "step": self.step, "phase": self.phase, "open": self.open,
-                "t_enter": self.t_enter, "recent": [list(r) for r in self.recent]}
+                "t_enter": self.t_enter + wall,
+                "recent": [[q, st, ph, t + wall] for q, st, ph, t in self.recent]}
 
 
 def laggards(beats: dict[int, dict], world_size: int) -> tuple[list[int], list[int]]:
@@ -100,7 +110,7 @@ class Watchdog:
             try:
                 self.write()
                 hb = self.hb
-                if hb.open and hb.seq != self._reported_seq and time.time() - hb.t_enter > self.timeout_s:
+                if hb.open and hb.seq != self._reported_seq and hb.age() > self.timeout_s:
                     self._reported_seq = hb.seq
                     self.report()
             except Exception as e:  # noqa: BLE001 - a watchdog must never kill training

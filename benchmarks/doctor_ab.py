@@ -1,0 +1,129 @@
+"""Telemetry's cost measured directly: the same loop with telemetry switched on and off in short blocks.
+
+The other overhead figures add up telemetry's own timed work (`tele_s`, phase timers measured
+in a tight loop). That misses what those timers cannot see: right after a step's matmuls the
+caches are cold, and the same Python and syscalls cost several times more than in a tight loop
+(a CPU-time clock read ~10 us instead of 0.3). Here the evaluation loop
+(`feixing.diagnose.sim`) runs with telemetry at its defaults switched on and off, on/off/off/on
+(ABBA) in blocks of `--block` steps, every rank alike; each group of four blocks gives one
+difference (mean step with telemetry - without), and alternating quickly cancels this VM's
+drifts in speed, which last seconds to minutes. Telemetry numbers its own steps, so its
+canaries, probes and online windows come at their default rates of the steps it sees.
+
+- `--world 1` (default): one process, no data wait (its sleep is the noisiest part), blocks of
+  one step: the cost on one rank, to within ~+-20 us.
+- `--world 4`: the harness itself (4 gloo ranks on 2 cores, data waits, ~20 ms steps, blocks
+  of 10): the cost as the harness's goal reads it, with a much wider interval.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/doctor_ab.py [--world 1|4] [--steps N] [--runs 2]
+
+Prints a table and writes benchmarks/results/doctor_ab_world{1,4}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "src")]
+
+from benchmarks.doctor_eval import CKPT_EVERY, WORLD, keep_awake, phase_cost  # noqa: E402
+from feixing.diagnose.sim import run_loop  # noqa: E402
+from tests._dist import DistPool  # noqa: E402
+
+
+def quads(walls: list[float], on: list[bool], block: int) -> np.ndarray:
+    """Mean step with telemetry minus without, one value per on/off/off/on group of blocks."""
+    w, o = np.asarray(walls), np.asarray(on)
+    g = 4 * block
+    out = []
+    for i in range(0, len(w) - g + 1, g):
+        ww, oo = w[i:i + g], o[i:i + g]
+        out.append(ww[oo].mean() - ww[~oo].mean())
+    return np.asarray(out)
+
+
+def summarize(res: dict, block: int, seed: int, warmup: int) -> dict:
+    """Rank 0's step walls after `warmup` steps (the all_reduce makes every rank wait for the
+    slowest, so they include the other ranks' telemetry too); bootstrap 95% interval of the mean
+    difference."""
+    g = 4 * block
+    skip = -(-warmup // g) * g
+    walls, on = res["ab_walls"][skip:], res["ab_on"][skip:]
+    d = quads(walls, on, block)
+    off_mean = float(np.mean([x for x, s in zip(walls, on) if not s]))
+    rng = np.random.default_rng(seed)
+    boot = rng.choice(d, size=(2000, len(d))).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"steps": len(walls), "groups": len(d), "step_off_ms": off_mean * 1e3,
+            "step_on_ms": float(np.mean([x for x, s in zip(walls, on) if s])) * 1e3,
+            "diff_us": float(d.mean()) * 1e6, "ci95_us": [float(lo) * 1e6, float(hi) * 1e6],
+            "frac": float(d.mean()) / off_mean, "ci95_frac": [float(lo) / off_mean, float(hi) / off_mean],
+            "group_diff_median_us": float(np.median(d)) * 1e6,
+            "tele_self_per_on_step_us": res["tele_total_s"] / max(sum(res["ab_on"]), 1) * 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=int, default=1, choices=(1, WORLD))
+    ap.add_argument("--steps", type=int, default=0, help="steps per run, half with telemetry "
+                    "(default 16000 for --world 1, 8000 for --world 4)")
+    ap.add_argument("--block", type=int, default=0, help="default 1 for --world 1, 10 for --world 4")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=400, help="first steps left out (first canaries, caches)")
+    ap.add_argument("--out", default="", help="default benchmarks/results/doctor_ab_world{N}.json")
+    args = ap.parse_args()
+    one = args.world == 1
+    args.steps = args.steps or (16000 if one else 8000)
+    args.block = args.block or (1 if one else 10)
+    if args.steps % (4 * args.block):
+        ap.error("--steps must be a multiple of 4 * --block")
+    pool = None if one else DistPool(WORLD, timeout_s=3600)
+    runs = []
+    t0 = time.time()
+    try:
+        with keep_awake(True):
+            for i in range(args.runs):
+                d = tempfile.mkdtemp(prefix="doctor_ab_")
+                if one:
+                    res = run_loop(0, 1, d, args.steps, None, {}, 3000 + i, data_s=0.0, ckpt_every=CKPT_EVERY,
+                                   pin=True, ab_block=args.block)
+                else:
+                    res = pool.run(run_loop, d, args.steps, None, {}, 3000 + i, ckpt_every=CKPT_EVERY,
+                                   pin=True, ab_block=args.block)[0]
+                runs.append(summarize(res, args.block, i, args.warmup))
+                r = runs[-1]
+                print(f"run {i}: {r['steps']} steps, off {r['step_off_ms']:.2f} ms, on {r['step_on_ms']:.2f} ms, "
+                      f"telemetry {r['diff_us']:+.0f} us ({r['frac']:+.2%}, 95% CI {r['ci95_frac'][0]:+.2%} .. "
+                      f"{r['ci95_frac'][1]:+.2%}); its own timed work {r['tele_self_per_on_step_us']:.0f} us",
+                      flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+    timers = phase_cost()
+    print(f"\n{'run':>4s} {'step off (ms)':>14s} {'on - off (us)':>14s} {'share':>8s} {'95% CI':>18s} "
+          f"{'timed end_step (us)':>20s}")
+    for i, r in enumerate(runs):
+        print(f"{i:4d} {r['step_off_ms']:14.2f} {r['diff_us']:+14.0f} {r['frac']:+8.2%} "
+              f"{r['ci95_frac'][0]:+8.2%}..{r['ci95_frac'][1]:+.2%} {r['tele_self_per_on_step_us']:20.0f}")
+    print(f"phase timers in a tight loop: {timers['per_step_us']:.1f} us per step ({timers['phases']} phases)")
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", f"doctor_ab_world{args.world}.json")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"runs": runs, "block": args.block, "world_size": args.world, "telemetry": "defaults",
+                   "ckpt_every": CKPT_EVERY, "phase_timers": timers, "wall_s": time.time() - t0,
+                   "mean_frac": statistics.mean(r["frac"] for r in runs),
+                   "machine": "2-core CPU VM, no GPU"}, fh, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
