@@ -39,6 +39,8 @@ from benchmarks.doctor_eval import CKPT_EVERY, WORLD, keep_awake, phase_cost  # 
 from feixing.diagnose.sim import run_loop  # noqa: E402
 from tests._dist import DistPool  # noqa: E402
 
+AB_WARMUP = 400  # steps left out at the start (the first canaries, cold caches)
+
 
 def quads(walls: list[float], on: list[bool], block: int) -> np.ndarray:
     """Mean step with telemetry minus without, one value per on/off/off/on group of blocks."""
@@ -71,6 +73,17 @@ def summarize(res: dict, block: int, seed: int, warmup: int) -> dict:
             "tele_self_per_on_step_us": res["tele_total_s"] / max(sum(res["ab_on"]), 1) * 1e6}
 
 
+def ab_run(pool, run_dir: str, steps: int, block: int, seed: int, warmup: int = AB_WARMUP) -> dict:
+    """One A/B run: in this process without data waits (pool None), or on the pool's ranks."""
+    if pool is None:
+        res = run_loop(0, 1, run_dir, steps, None, {}, 3000 + seed, data_s=0.0, ckpt_every=CKPT_EVERY,
+                       pin=True, ab_block=block)
+    else:
+        res = pool.run(run_loop, run_dir, steps, None, {}, 3000 + seed, ckpt_every=CKPT_EVERY, pin=True,
+                       ab_block=block)[0]
+    return summarize(res, block, seed, warmup)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=int, default=1, choices=(1, WORLD))
@@ -78,7 +91,7 @@ def main() -> None:
                     "(default 16000 for --world 1, 8000 for --world 4)")
     ap.add_argument("--block", type=int, default=0, help="default 1 for --world 1, 10 for --world 4")
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=400, help="first steps left out (first canaries, caches)")
+    ap.add_argument("--warmup", type=int, default=AB_WARMUP, help="first steps left out (first canaries, caches)")
     ap.add_argument("--out", default="", help="default benchmarks/results/doctor_ab_world{N}.json")
     args = ap.parse_args()
     one = args.world == 1
@@ -92,14 +105,8 @@ def main() -> None:
     try:
         with keep_awake(True):
             for i in range(args.runs):
-                d = tempfile.mkdtemp(prefix="doctor_ab_")
-                if one:
-                    res = run_loop(0, 1, d, args.steps, None, {}, 3000 + i, data_s=0.0, ckpt_every=CKPT_EVERY,
-                                   pin=True, ab_block=args.block)
-                else:
-                    res = pool.run(run_loop, d, args.steps, None, {}, 3000 + i, ckpt_every=CKPT_EVERY,
-                                   pin=True, ab_block=args.block)[0]
-                runs.append(summarize(res, args.block, i, args.warmup))
+                runs.append(ab_run(pool, tempfile.mkdtemp(prefix="doctor_ab_"), args.steps, args.block, i,
+                                   args.warmup))
                 r = runs[-1]
                 print(f"run {i}: {r['steps']} steps, off {r['step_off_ms']:.2f} ms, on {r['step_on_ms']:.2f} ms, "
                       f"telemetry {r['diff_us']:+.0f} us ({r['frac']:+.2%}, 95% CI {r['ci95_frac'][0]:+.2%} .. "

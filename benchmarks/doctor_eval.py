@@ -11,7 +11,8 @@ and onsets with 5 seeds each, plus clean runs. Each run's telemetry is diagnosed
   alarm when a rank's score < 0.75.
 
 Overhead: (a) telemetry's own time in end_step + phase timers, as a fraction of the step;
-(b) wall time of whole runs with telemetry on vs off, alternating, same seeds.
+(b) its real cost: runs that switch telemetry on and off in blocks of 10 steps
+(benchmarks/doctor_ab.py), which comes out 2-3x (a).
 
     PYTHONPATH=src .venv/bin/python benchmarks/doctor_eval.py [--seeds 5] [--clean-runs 10] [--quick] [--keep DIR]
     PYTHONPATH=src .venv/bin/python benchmarks/doctor_eval.py --rediagnose DIR   # re-score kept runs
@@ -53,6 +54,7 @@ CKPT_EVERY = 25
 # issue goals: a slow rank within 20 steps of onset, a drift within 300 steps of crossing 1%
 # (slow links: 3 probes at probe_interval = 50 steps; the issue sets no number)
 GOAL_STEPS = {"dispatch_ramp": 300, "slow_link": 150}
+AB_STEPS, AB_BLOCK = 8000, 10  # telemetry's direct cost (see benchmarks/doctor_ab.py)
 
 
 def grid(seeds: int, quick: bool) -> list[dict]:
@@ -151,13 +153,12 @@ def keep_awake(on: bool):
             p.wait()
 
 
-def one(pool, d: str, run: dict | None, seed: int, steps: int, tele=None, enabled=True):
+def one(pool, d: str, run: dict | None, seed: int, steps: int):
     shutil.rmtree(d, ignore_errors=True)
-    if tele is None:
-        tele = TELE_LINK if run is not None and run["kind"] == "slow_link" else TELE
+    tele = TELE_LINK if run is not None and run["kind"] == "slow_link" else TELE
     faults = [] if run is None else [{"kind": run["kind"], "ranks": run["ranks"], "start_step": run["onset"],
                                       "magnitude": run["magnitude"]}]
-    return pool.run(run_loop, d, steps, faults, tele, seed, ckpt_every=CKPT_EVERY, enabled=enabled, pin=True)
+    return pool.run(run_loop, d, steps, faults, tele, seed, ckpt_every=CKPT_EVERY, pin=True)
 
 
 def online_replay(data, interval: int = 50) -> list[tuple[int, str]]:
@@ -217,7 +218,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--clean-runs", type=int, default=10)
     ap.add_argument("--clean-steps", type=int, default=1000)
-    ap.add_argument("--ab-pairs", type=int, default=4)
+    ap.add_argument("--ab-pairs", type=int, default=1, help="runs that switch telemetry on and off in "
+                    f"blocks of {AB_BLOCK} steps ({AB_STEPS} steps each; benchmarks/doctor_ab.py)")
     ap.add_argument("--quick", action="store_true", help="one magnitude and onset per kind (for a smoke run)")
     ap.add_argument("--kinds", default="", help="comma-separated subset of fault kinds")
     ap.add_argument("--keep", default="", help="keep every run's telemetry in this folder (default: a temp dir)")
@@ -250,13 +252,11 @@ def main() -> None:
                 res = one(pool, os.path.join(keep, name), run, seed, steps)
                 manifest["runs"].append({"name": name, "run": run, "res": res})
                 print(f"ran {name}", flush=True)
-            for i in range(args.ab_pairs):  # alternate the order so drifts in machine load cancel
-                order = [True, False] if i % 2 == 0 else [False, True]
-                walls = {}
-                for on in order:
-                    res = one(pool, os.path.join(keep, "ab"), None, 2000 + i, 300, tele={}, enabled=on)
-                    walls[on] = statistics.mean(x["wall_s"] for x in res)
-                manifest["ab"].append(walls[True] / walls[False] - 1)
+            if args.ab_pairs:  # telemetry's cost: on/off in blocks of 10 steps inside each run
+                from benchmarks.doctor_ab import ab_run
+                for i in range(args.ab_pairs):
+                    manifest["ab"].append(ab_run(pool, os.path.join(keep, "ab"), AB_STEPS, AB_BLOCK, i))
+                    print(f"ran ab{i}", flush=True)
         finally:
             pool.close()
             manifest["wall_s"] = time.time() - t_start
@@ -354,7 +354,9 @@ def summarize(results, clean, over, ab, wall) -> dict:
             "overhead_internal": statistics.median([o["frac"] for o in over]) if over else None,
             "tele_per_step_ms": statistics.median([o["tele_per_step_s"] for o in over]) * 1e3 if over else None,
             "step_ms": statistics.median([o["step_s"] for o in over]) * 1e3 if over else None,
-            "overhead_ab": ab, "overhead_ab_mean": statistics.mean(ab) if ab else None,
+            # older manifests hold whole-run wall ratios (floats), newer ones doctor_ab summaries
+            "overhead_ab": ab, "overhead_ab_mean": statistics.mean(a["frac"] if isinstance(a, dict) else a
+                                                               for a in ab) if ab else None,
             "harness_wall_s": wall}
 
 
@@ -383,8 +385,12 @@ def print_table(s: dict) -> None:
         print(f"timed overhead (the real cost is 2-3x this: benchmarks/doctor_ab.py): end_step's own time "
               f"{s['tele_per_step_ms']:.3f} ms + phase timers "
               f"{s['hot_path']['per_step_us'] / 1e3:.3f} ms per {s['step_ms']:.1f} ms step = "
-              f"{s['overhead_internal']:.2%} (settings {TELE}); A/B wall on/off - 1 (defaults): "
-              f"{[f'{x:+.2%}' for x in s['overhead_ab']]}")
+              f"{s['overhead_internal']:.2%} (settings {TELE})")
+        for a in s["overhead_ab"]:
+            if isinstance(a, dict):
+                print(f"direct cost, telemetry on/off in blocks of {AB_BLOCK} steps (defaults): {a['diff_us']:+.0f} us "
+                      f"per {a['step_off_ms']:.1f} ms step = {a['frac']:+.2%} (95% CI {a['ci95_frac'][0]:+.2%} .. "
+                      f"{a['ci95_frac'][1]:+.2%})")
     print(f"harness wall time (running the loops) {s['harness_wall_s']:.0f} s")
 
 
