@@ -255,7 +255,7 @@ def main() -> None:
             if args.ab_pairs:  # telemetry's cost: on/off in blocks of 10 steps inside each run
                 from benchmarks.doctor_ab import ab_run
                 for i in range(args.ab_pairs):
-                    manifest["ab"].append(ab_run(pool, os.path.join(keep, "ab"), AB_STEPS, AB_BLOCK, i))
+                    manifest["ab"].append(ab_run(pool, os.path.join(keep, f"ab{i}"), AB_STEPS, AB_BLOCK, i))
                     print(f"ran ab{i}", flush=True)
         finally:
             pool.close()
@@ -375,7 +375,7 @@ def print_table(s: dict) -> None:
     print(f"online (rank 0's warnings, replayed from the records): {s['online_clean_warnings_per_10k']:.1f} "
           f"warnings per 10,000 clean steps; runs with a warning naming the fault: {hits}")
     if not s["clean_runs"]:  # false alarms and overhead come from the clean runs
-        print("no clean runs: no false-alarm rate or overhead")
+        print("no clean runs: no false-alarm rate or timed overhead")
     else:
         print(f"\nclean: {s['false_alarms']} false alarms (straggler/drift/hang) in {s['clean_steps']} steps = "
               f"{s['false_alarms_per_10k']:.2f} per 10,000 steps; {s['clean_spike_findings']} event-spike findings "
@@ -386,11 +386,11 @@ def print_table(s: dict) -> None:
               f"{s['tele_per_step_ms']:.3f} ms + phase timers "
               f"{s['hot_path']['per_step_us'] / 1e3:.3f} ms per {s['step_ms']:.1f} ms step = "
               f"{s['overhead_internal']:.2%} (settings {TELE})")
-        for a in s["overhead_ab"]:
-            if isinstance(a, dict):
-                print(f"direct cost, telemetry on/off in blocks of {AB_BLOCK} steps (defaults): {a['diff_us']:+.0f} us "
-                      f"per {a['step_off_ms']:.1f} ms step = {a['frac']:+.2%} (95% CI {a['ci95_frac'][0]:+.2%} .. "
-                      f"{a['ci95_frac'][1]:+.2%})")
+    for a in s["overhead_ab"]:
+        if isinstance(a, dict):
+            print(f"direct cost, telemetry on/off in blocks of {AB_BLOCK} steps (defaults): {a['diff_us']:+.0f} us "
+                  f"per {a['step_off_ms']:.1f} ms step = {a['frac']:+.2%} (95% CI {a['ci95_frac'][0]:+.2%} .. "
+                  f"{a['ci95_frac'][1]:+.2%})")
     print(f"harness wall time (running the loops) {s['harness_wall_s']:.0f} s")
 
 
