@@ -473,13 +473,9 @@ def main() -> None:
     if a.autogroup_nice is not None:
         set_autogroup_nice(a.autogroup_nice)
     torch.set_num_threads(1)
-    if a.gil_check:
-        res = gil_check()
-        with open(a.out, "w") as f:
-            json.dump(dict(res, loadavg=os.getloadavg(), torch=torch.__version__), f, indent=1)
-        return
-    if a.interference:
-        res = interference(os.path.join(a.dir, "interference"), cycles=a.interference_cycles)
+    if a.gil_check or a.interference:  # measurements of their own, without the save loop
+        res = gil_check() if a.gil_check else \
+            interference(os.path.join(a.dir, "interference"), cycles=a.interference_cycles)
         with open(a.out, "w") as f:
             json.dump(dict(res, loadavg=os.getloadavg(), torch=torch.__version__, argv=sys.argv[1:]), f, indent=1)
         return

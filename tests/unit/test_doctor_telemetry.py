@@ -92,6 +92,8 @@ def test_watchdog_names_the_rank_that_did_not_arrive(tmp_path):
     assert (f.kind, f.ranks, f.first_step) == ("hang", [1], 7) and "rank 1 did not arrive at 'comm'" in f.summary
     assert laggards({0: {"seq": 5}, 1: {"seq": 5}}, 3) == ([], [2])
     # heartbeat times are perf_counter readings; the files other ranks read carry wall-clock times
+    # ("comm" was entered before the watchdog's wait of at most 5 s above; a perf_counter value
+    # left unconverted would be off by decades)
     snap = hb.snapshot()
     assert abs(snap["t_enter"] - time.time()) < 5 and abs(snap["recent"][-1][3] - time.time()) < 5
 

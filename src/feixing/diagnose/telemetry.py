@@ -47,19 +47,18 @@ COMPUTE_PHASES = ("forward", "backward", "optimizer")
 class _Phase:
     """Reusable context manager for one phase name (no generator, no allocation per use)."""
 
-    __slots__ = ("c0", "clock", "cpu_clock", "ev", "gc0", "name", "t0", "tele")
+    __slots__ = ("c0", "cpu_clock", "ev", "gc0", "name", "t0", "tele")
 
     def __init__(self, tele: Telemetry, name: str):
         self.tele, self.name, self.ev = tele, name, None
         # CPU time is read only where a detector uses it (a syscall each; see Telemetry.__init__)
-        self.cpu_clock = tele._cpu_clock and name in COMPUTE_PHASES
-        self.clock = tele._cpu_clock_fn
+        self.cpu_clock = tele._cpu_clock if name in COMPUTE_PHASES else None
 
     def __enter__(self):
         tele = self.tele
         self.gc0 = tele._gc_total
-        if self.cpu_clock:
-            self.c0 = self.clock()
+        if self.cpu_clock is not None:
+            self.c0 = self.cpu_clock()
         self.t0 = perf_counter()
         if tele._faults is not None:  # inside the timed region: the fault is the phase being slow
             tele._faults.before_phase(self.name, tele._cur_step, tele._history)
@@ -73,9 +72,9 @@ class _Phase:
     def __exit__(self, *exc):
         tele = self.tele
         gc_s = tele._gc_total - self.gc0
-        if self.cpu_clock:
+        if self.cpu_clock is not None:
             cpu = tele._cpu
-            cpu[self.name] = cpu.get(self.name, 0.0) + max(self.clock() - self.c0 - gc_s, 0.0)
+            cpu[self.name] = cpu.get(self.name, 0.0) + max(self.cpu_clock() - self.c0 - gc_s, 0.0)
         dt = perf_counter() - self.t0 - gc_s
         acc = tele._acc
         acc[self.name] = acc.get(self.name, 0.0) + dt
@@ -124,11 +123,11 @@ class Telemetry:
         # On CPU, compute runs on the host: its CPU time (unlike wall time) does not grow
         # when other processes take the core, so the detectors use it for compute phases (only
         # those read it: a CPU-time clock is a syscall, ~10 us when it is the first after a matmul).
-        self._cpu_clock = device_type == "cpu"
         # With one intra-op thread all compute runs on the calling thread: its own CPU time is
         # exact and cheaper to read than the process's, which sums every thread (gloo's, the
         # watchdog's, ...) and cost 7-18 us after a matmul with 10-30 threads (3-10 us for this one).
-        self._cpu_clock_fn = thread_time if torch.get_num_threads() == 1 else process_time
+        self._cpu_clock = None if device_type != "cpu" else \
+            thread_time if torch.get_num_threads() == 1 else process_time
         self._cpu: dict[str, float] = {}
         self._sched_fd = _open_schedstat()
         self._sched0 = _read_sched(self._sched_fd)
