@@ -85,6 +85,17 @@ def abba(i: int) -> bool:
     return i % 4 in (1, 2)
 
 
+def kernel_cpu() -> tuple[int, int]:
+    """(system + irq + softirq, all) CPU ticks of the whole machine so far (Linux; else zeros):
+    the kernel's own work, e.g. flushing and reclaiming the page cache while a save is written."""
+    try:
+        with open("/proc/stat") as f:
+            t = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return t[2] + t[5] + t[6], sum(t)
+
+
 def rss_gb() -> float:
     """Memory (PSS) of this process and its children (the feixing writer), in GB."""
     def rss(pid):  # proportional set size: the shared staging buffer is not counted twice
@@ -106,12 +117,12 @@ def rss_gb() -> float:
 
 
 class Feixing:
-    def __init__(self, root: str, app: dict, parallel_hash: bool | None = None):
+    def __init__(self, root: str, app: dict, parallel_hash: bool | None = None, write_behind_mb: int = 32):
         # interval: never by itself; saves are forced below. maybe_save() after each step lets
         # the manager allocate its buffer ahead of the first save, as in the trainer.
-        self.ck = Manager(CheckpointConfig(interval=10**9, keep=1, verify_checksums=False),
-                          root, 0, 1)
-        self.name = "feixing"
+        self.ck = Manager(CheckpointConfig(interval=10**9, keep=1, verify_checksums=False,
+                                           write_behind_mb=write_behind_mb), root, 0, 1)
+        self.name = "feixing" if write_behind_mb else "feixing(no write-behind)"
         if parallel_hash is not None:  # force the writer's hashing mode (default: by core count)
             self.ck._parallel_hash = parallel_hash
             self.name += "(2 writer threads)" if parallel_hash else "(1 writer thread)"
@@ -189,7 +200,7 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
     """Steps with saves. The baseline step time is this method's own: the median of its steps
     with no save in flight (warm-up steps and steps after a save finished), so slow drifts of
     the machine's load between methods do not show up as cost."""
-    blocked, rss, over_dts, idle = [], [], [], []
+    blocked, rss, over_dts, idle, kernel = [], [], [], [], []
     step = 1  # as in the trainer: maybe_save(0) would be a save (0 % interval == 0)
     p0 = app["model"][0]
     for _ in range(warmup):  # training before the first save, as in a real run
@@ -199,6 +210,7 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
     t_loop = time.perf_counter()
     measuring = 0.0
     for _ in range(saves):
+        k0 = kernel_cpu()
         t0 = time.perf_counter()
         method.save(step, app)
         b = time.perf_counter() - t0
@@ -220,6 +232,8 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
         over_dts.append(dts)
         blocked.append(b)
         t2 = time.perf_counter()
+        k1 = kernel_cpu()
+        kernel.append(100 * (k1[0] - k0[0]) / max(k1[1] - k0[1], 1))
         rss.append(rss_gb())
         measuring += time.perf_counter() - t2  # reading /proc is the benchmark's, not the save's
     loop_s = time.perf_counter() - t_loop - measuring
@@ -230,7 +244,7 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
             "extra_step_s": [sum(d - own for d in dts) for dts in over_dts],
             "worst_step_slowdown": [max(d / own - 1 for d in dts) for dts in over_dts],
             "steps_overlapped": [len(dts) for dts in over_dts], "step_s": over_dts,
-            "persist_s": persist, "rss_gb": rss,
+            "persist_s": persist, "rss_gb": rss, "kernel_cpu_pct": kernel,
             "overhead": loop_s / (saves * interval * own) - 1}
 
 
@@ -285,6 +299,17 @@ def worst_vs_idle(r: dict) -> float:
     return 100 * (max(over) / ref - 1)
 
 
+def quantiles_vs_idle(r: dict, qs=(0.5, 0.9)) -> dict:
+    """Steps that overlapped a persist against steps that did not, quantile by quantile (%): with
+    many saves this shows whether the whole distribution moved, not only its single worst step."""
+    over = sorted(d for dts in r["step_s"] for d in dts)
+    idle = sorted(r["idle_s"])
+    if len(over) < 5 or len(idle) < 5:
+        return {}
+    at = lambda xs, q: xs[min(int(q * len(xs)), len(xs) - 1)]  # noqa: E731
+    return {f"step_q{round(q * 100)}_vs_idle_pct": 100 * (at(over, q) / at(idle, q) - 1) for q in qs}
+
+
 def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:
     base = r["base_s"]
     later = r["blocked_s"][1:] or r["blocked_s"]
@@ -296,11 +321,12 @@ def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:
             "lost_pct_of_interval": 100 * statistics.median(r["extra_step_s"]) / (interval * base),
             "lost_pct_of_overlapped": 100 * statistics.median(over) if over else 0.0,
             "worst_step_slowdown_pct": 100 * max(r["worst_step_slowdown"]),
-            "worst_step_vs_idle_pct": worst_vs_idle(r),
+            "worst_step_vs_idle_pct": worst_vs_idle(r), **quantiles_vs_idle(r),
             "persist_s": persist, "persist_gbps": nbytes / 1e9 / persist,
             "persist_gbps_first": nbytes / 1e9 / r["persist_s"][0] if r["persist_s"] else 0.0,
             "persist_gbps_last": nbytes / 1e9 / r["persist_s"][-1] if r["persist_s"] else 0.0,
             "rss_first_gb": r["rss_gb"][0], "rss_last_gb": r["rss_gb"][-1],
+            "kernel_cpu_pct": statistics.median(r["kernel_cpu_pct"]),
             "loop_overhead_pct": 100 * r["overhead"]}
 
 
@@ -491,6 +517,7 @@ def main() -> None:
     makers = {"feixing": lambda d: Feixing(d, app),
               "feixing_1thread": lambda d: Feixing(d, app, parallel_hash=False),
               "feixing_2threads": lambda d: Feixing(d, app, parallel_hash=True),
+              "feixing_no_write_behind": lambda d: Feixing(d, app, write_behind_mb=0),
               "dcp_async": lambda d: Dcp(d, app, True),
               "dcp_async_process": lambda d: Dcp(d, app, True, process=True),
               "dcp_sync": lambda d: Dcp(d, app, False)}
@@ -534,7 +561,7 @@ def main() -> None:
     cols = ["method", "base_step_s", "blocked_first_s", "blocked_median_s", "blocked_pct_of_step",
             "lost_pct_of_interval", "lost_pct_of_overlapped", "worst_step_slowdown_pct", "worst_step_vs_idle_pct",
             "persist_s", "persist_gbps",
-            "rss_first_gb", "rss_last_gb", "loop_overhead_pct"]
+            "rss_first_gb", "rss_last_gb", "kernel_cpu_pct", "loop_overhead_pct"]
     print(f"device {device}, state {nbytes / 1e9:.2f} GB ({a.params / 1e6:.0f}M {a.dtype} params + AdamW), "
           f"step {base * 1000:.0f} ms, save every {a.interval} steps, {a.saves} saves")
     print(" | ".join(cols))

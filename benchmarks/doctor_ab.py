@@ -14,10 +14,14 @@ canaries, probes and online windows come at their default rates of the steps it 
   one step: the cost on one rank, to within ~+-20 us.
 - `--world 4`: the harness itself (4 gloo ranks on 2 cores, data waits, ~20 ms steps, blocks
   of 10): the cost as the harness's goal reads it, with a much wider interval.
+- `--variants`: one rank as with `--world 1`, but telemetry off, at its defaults, and with one
+  part left out at a time (the CPU-time clock of the compute phases, the read of
+  /proc/self/schedstat, the canaries) or all three, each step one of them in a random order per
+  group: what each part costs, and what the phase timers and step records alone cost.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/doctor_ab.py [--world 1|4] [--steps N] [--runs 2]
+    PYTHONPATH=src .venv/bin/python benchmarks/doctor_ab.py [--world 1|4] [--variants] [--steps N] [--runs 2]
 
-Prints a table and writes benchmarks/results/doctor_ab_world{1,4}.json.
+Prints a table and writes benchmarks/results/doctor_ab_world{1,4}.json (doctor_ab_variants.json).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from feixing.diagnose.sim import run_loop  # noqa: E402
 from tests._dist import DistPool  # noqa: E402
 
 AB_WARMUP = 400  # steps left out at the start (the first canaries, cold caches)
+VARIANTS = ("off", "defaults", "no CPU-time clock", "no schedstat read", "no canaries",
+            "timers and records only")
 
 
 def quads(walls: list[float], on: list[bool], block: int) -> np.ndarray:
@@ -82,9 +88,62 @@ def ab_run(pool, run_dir: str, steps: int, block: int, seed: int, warmup: int = 
     return summarize(res, block, seed, warmup)
 
 
+def make_variants(run_dir: str) -> dict:
+    """The Telemetry objects of VARIANTS (call after torch.set_num_threads(1): the CPU-time clock
+    is chosen by the thread count). The parts are switched off on the object, before its first
+    phase, the way a build without them would run."""
+    import torch
+
+    from feixing.config.schema import TelemetryConfig
+    from feixing.diagnose.telemetry import Telemetry
+
+    torch.set_num_threads(1)
+    out = {}
+    for name in VARIANTS:
+        if name == "off":
+            out[name] = Telemetry(TelemetryConfig(enabled=False))
+            continue
+        bare = name == "timers and records only"
+        quiet = {"canary_interval": 0, "probe_interval": 0} if bare or name == "no canaries" else {}
+        t = Telemetry(TelemetryConfig(**quiet), run_dir=os.path.join(run_dir, str(len(out))), rank=0, world_size=1)
+        if bare or name == "no CPU-time clock":
+            t._cpu_clock = None
+        if (bare or name == "no schedstat read") and t._sched_fd is not None:
+            os.close(t._sched_fd)
+            t._sched_fd = None
+        out[name] = t
+    return out
+
+
+def variants_run(run_dir: str, steps: int, seed: int, warmup: int = AB_WARMUP) -> dict:
+    """One run of every variant interleaved: per group of len(VARIANTS) steps, each variant's step
+    minus the off step (and minus the defaults step), mean with a bootstrap 95% interval."""
+    res = run_loop(0, 1, run_dir, steps, None, {}, 3000 + seed, data_s=0.0, ckpt_every=CKPT_EVERY,
+                   pin=True, variants=make_variants(run_dir))
+    k = len(VARIANTS)
+    skip = -(-warmup // k) * k
+    n = (len(res["ab_walls"]) - skip) // k * k
+    w = np.asarray(res["ab_walls"][skip:skip + n]).reshape(-1, k)
+    names = np.asarray(res["ab_on"][skip:skip + n]).reshape(-1, k)
+    by = {v: w[names == v] for v in VARIANTS}  # one value per group, groups in order
+    rng = np.random.default_rng(seed)
+
+    def ci(d):
+        boot = rng.choice(d, size=(2000, len(d))).mean(axis=1)
+        return [float(x) * 1e6 for x in np.percentile(boot, [2.5, 97.5])]
+
+    out = {"groups": int(w.shape[0]), "step_off_ms": float(by["off"].mean()) * 1e3, "variants": {}}
+    for v in VARIANTS[1:]:
+        d, s = by[v] - by["off"], by["defaults"] - by[v]
+        out["variants"][v] = {"vs_off_us": float(d.mean()) * 1e6, "vs_off_ci95_us": ci(d),
+                              "saved_vs_defaults_us": float(s.mean()) * 1e6, "saved_ci95_us": ci(s)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=int, default=1, choices=(1, WORLD))
+    ap.add_argument("--variants", action="store_true", help="one rank: each part of telemetry left out in turn")
     ap.add_argument("--steps", type=int, default=0, help="steps per run, half with telemetry "
                     "(default 16000 for --world 1, 8000 for --world 4)")
     ap.add_argument("--block", type=int, default=0, help="default 1 for --world 1, 10 for --world 4")
@@ -92,6 +151,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=AB_WARMUP, help="first steps left out (first canaries, caches)")
     ap.add_argument("--out", default="", help="default benchmarks/results/doctor_ab_world{N}.json")
     args = ap.parse_args()
+    if args.variants:
+        return main_variants(args)
     one = args.world == 1
     args.steps = args.steps or (16000 if one else 8000)
     args.block = args.block or (1 if one else 10)
@@ -124,6 +185,30 @@ def main() -> None:
                    "mean_frac": statistics.mean(r["frac"] for r in runs),
                    "machine": "2-core CPU VM, no GPU"}, fh, indent=1)
     print(f"wrote {args.out}")
+
+
+def main_variants(args) -> None:
+    steps = args.steps or 6 * 4000
+    runs, t0 = [], time.time()
+    with keep_awake(True):
+        for i in range(args.runs):
+            runs.append(variants_run(tempfile.mkdtemp(prefix="doctor_variants_"), steps, i, args.warmup))
+            print(f"ran run {i}", flush=True)
+    print(f"\n{'variant':24s} " + " ".join(f"{'run ' + str(i) + ': vs off (us)':>30s} {'saved vs defaults':>22s}"
+                                          for i in range(len(runs))))
+    for v in VARIANTS[1:]:
+        cells = []
+        for r in runs:
+            x = r["variants"][v]
+            cells.append(f"{x['vs_off_us']:+8.0f} ({x['vs_off_ci95_us'][0]:+.0f}..{x['vs_off_ci95_us'][1]:+.0f})"
+                         f"{'':>8s} {x['saved_vs_defaults_us']:+7.0f} ({x['saved_ci95_us'][0]:+.0f}..{x['saved_ci95_us'][1]:+.0f})")
+        print(f"{v:24s} " + " ".join(cells))
+    print("step without telemetry: " + ", ".join(f"{r['step_off_ms']:.2f} ms" for r in runs))
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "doctor_ab_variants.json")
+    with open(out, "w") as fh:
+        json.dump({"runs": runs, "steps": steps, "variants": VARIANTS, "wall_s": time.time() - t0,
+                   "machine": "2-core CPU VM, no GPU"}, fh, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -255,15 +255,26 @@ def test_loading_into_different_app_state_keys_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-def test_writer_one_pass_and_parallel_hash_write_the_same_file(tmp_path, parallel):
+def test_writer_one_pass_and_parallel_hash_write_the_same_file(tmp_path, parallel, monkeypatch):
     import hashlib
 
+    from feixing.checkpoint import writer
     from feixing.checkpoint.writer import hash_in_parallel, persist
 
+    calls = []
+    if writer._WriteBehind._sync is not None:  # Linux: flush and drop behind the writes every 1 MiB
+        real = writer._WriteBehind._sync
+        monkeypatch.setattr(writer._WriteBehind, "_sync", staticmethod(
+            lambda fd, off, n, flags: calls.append((off, n, flags)) or real(fd, off, n, flags)))
     data = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB + a tail: several 1 MiB pieces, a partial one
     header = b'{"__metadata__":{}}     '
-    size, digest = persist(data, len(data), header, str(tmp_path / "f"), parallel=parallel)
+    size, digest = persist(data, len(data), header, str(tmp_path / "f"), parallel=parallel, write_behind=1 << 20)
     raw = (tmp_path / "f").read_bytes()
     assert size == len(raw) == 8 + len(header) + len(data) and raw[8 + len(header):] == data
     assert digest == hashlib.sha256(raw).hexdigest()
+    if writer._WriteBehind._sync is not None:  # every whole 1 MiB window started once, and waited for
+        wb = writer._WriteBehind
+        started = [off for off, n, f in calls if f == wb.SYNC_WRITE]
+        waited = [off for off, n, f in calls if f != wb.SYNC_WRITE]
+        assert started == [i << 20 for i in range(size >> 20)] and waited == started[:-1]
     assert hash_in_parallel(local_world_size=10**6) is False  # never more ranks than cores

@@ -108,6 +108,20 @@ def test_ab_blocks_switch_telemetry_and_cpu_clock_is_read_for_compute_only(tmp_p
     assert set(steps[0]["ph"]) == {"data", "forward", "backward", "comm", "optimizer"}
 
 
+def test_variants_each_run_once_per_group_and_number_their_own_steps(tmp_path):
+    from benchmarks.doctor_ab import VARIANTS, make_variants
+
+    out = run_loop(0, 1, str(tmp_path), 4 * len(VARIANTS), data_s=0.0, ckpt_every=0,
+                   variants=make_variants(str(tmp_path)))
+    groups = [out["ab_on"][i:i + len(VARIANTS)] for i in range(0, len(out["ab_on"]), len(VARIANTS))]
+    assert len(groups) == 4 and all(sorted(g) == sorted(VARIANTS) for g in groups)
+    for i, name in enumerate(VARIANTS[1:]):  # make_variants numbers the enabled ones' folders 1..
+        recs = [json.loads(x) for x in (tmp_path / str(i + 1) / "telemetry" / "rank-00000.jsonl").read_text().splitlines()]
+        steps = [r for r in recs if r["type"] == "step"]
+        assert [r["step"] for r in steps] == [1, 2, 3, 4], name
+        assert bool(steps[0]["cpu"]) == (name not in ("no CPU-time clock", "timers and records only")), name
+
+
 def test_doctor_main_json_and_html(tmp_path, capsys):
     d = write_run(str(tmp_path / "run"), extra=lambda r, s: {"forward": 0.004} if r == 3 and s >= 100 else {})
     assert doctor_main(d, json=True, html=str(tmp_path / "out.html")) == 1

@@ -260,7 +260,8 @@ class Manager:
         job = {"op": "save", "step": step, "rank": self.rank, "world_size": self.world_size,
                "root": self.root, "tmp": os.path.join(self.root, C.temp_dirname(step, self.token)),
                "header": self.stager.layout.header, "nbytes": self.stager.layout.nbytes,
-               "index": index, "commit": None, "parallel_hash": self._parallel_hash}
+               "index": index, "commit": None, "parallel_hash": self._parallel_hash,
+               "write_behind": self.cfg.write_behind_mb << 20}
         if self.rank == 0:
             job["commit"] = {"meta": self.meta, "timeout_s": self.cfg.commit_timeout_s,
                              "keep": self.cfg.keep, "keep_every": self.cfg.keep_every}

@@ -102,6 +102,8 @@ def problems(cfg: Config, world_size: int, check_data: bool = True) -> list[str]
         out.append(f"checkpoint.keep = {c.keep}: must be >= 1 (the newest is always kept)")
     if c.keep_every < 0:
         out.append(f"checkpoint.keep_every = {c.keep_every}: must be >= 0 (0 = off)")
+    if c.write_behind_mb < 0:
+        out.append(f"checkpoint.write_behind_mb = {c.write_behind_mb}: must be >= 0 (0 = off)")
     for i, f in enumerate(cfg.faults):
         if f.kind not in _FAULT_KINDS:
             out.append(f"faults[{i}].kind = {f.kind!r}: choose one of {', '.join(_FAULT_KINDS)}")

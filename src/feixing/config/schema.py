@@ -131,6 +131,8 @@ class CheckpointConfig:
     """Verify sha256 of every file on load (sizes are always verified)."""
     on_error: str = "continue"
     """When a save fails (disk full, permissions): continue (warn, keep training) | stop."""
+    write_behind_mb: int = 32
+    """Linux: while a save is written, hand every this many MiB to the disk and drop it from the page cache, so a large save never piles up dirty pages for the kernel to flush at normal priority; 0 = leave it to the kernel (one fsync at the end)."""
     commit_timeout_s: float = 600.0
     """Rank 0 commits a save once every rank's files are on disk; it gives up (save failed, previous checkpoint kept) after this many seconds."""
     record_sample_ids: bool = False

@@ -26,7 +26,7 @@ from feixing.diagnose.telemetry import Telemetry
 def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[dict] | None = None,
              telemetry: dict | None = None, seed: int = 0, hidden: int = 192, batch: int = 128,
              data_s: float = 0.003, ckpt_every: int = 50, enabled: bool = True, pin: bool = False,
-             ab_block: int = 0) -> dict:
+             ab_block: int = 0, variants: dict[str, Telemetry] | None = None) -> dict:
     """Run `steps` training-like steps; returns timing totals (and the telemetry's own cost).
 
     pin: bind rank r to core r % cores, as a launcher's CPU affinity would (an even, fixed
@@ -34,16 +34,20 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     ab_block: switch telemetry on and off in blocks of this many steps (on, off, off, on, ...;
     every rank alike) and return each step's wall time and state, for a direct measurement of
     telemetry's cost in the same run. Telemetry numbers its own steps, so its canaries, probes
-    and online windows come at their configured rates of the steps it sees."""
+    and online windows come at their configured rates of the steps it sees.
+    variants: {name: Telemetry} built by the caller (one process only): every group of
+    len(variants) steps runs each once, in a random order; returns each step's wall time and
+    variant name, to compare telemetry settings with each other in the same run."""
     torch.set_num_threads(1)
     if pin and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[rank % len(cores)]})
     cfg = TelemetryConfig(**{"enabled": enabled, **(telemetry or {})})
     fcfg = [FaultConfig(**f) for f in (faults or [])]
-    tele = Telemetry(cfg, faults=fcfg, run_dir=run_dir, rank=rank, world_size=world_size)
     tele_off = Telemetry(TelemetryConfig(enabled=False))
+    tele = tele_off if variants else Telemetry(cfg, faults=fcfg, run_dir=run_dir, rank=rank, world_size=world_size)
     walls, state, n_on = [], [], 0
+    names, order, seen = list(variants or ()), [], dict.fromkeys(variants or (), 0)
     g = torch.Generator().manual_seed(seed)
     w1 = (torch.randn(hidden, 4 * hidden, generator=g) / hidden**0.5).requires_grad_()
     w2 = (torch.randn(4 * hidden, hidden, generator=g) / (4 * hidden) ** 0.5).requires_grad_()
@@ -53,8 +57,14 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     xg = torch.Generator().manual_seed(seed * 1000 + rank)
     t_start = t_prev = time.perf_counter()
     for step in range(1, steps + 1):
-        on = not ab_block or ((step - 1) // ab_block) % 4 in (0, 3)
-        t = tele if on else tele_off
+        if variants:
+            if not order:
+                order = rng.sample(names, len(names))
+            name = order.pop()
+            t = variants[name]
+        else:
+            on = not ab_block or ((step - 1) // ab_block) % 4 in (0, 3)
+            t = tele if on else tele_off
         with t.phase("data"):
             wait(data_s * (0.8 + 0.4 * rng.random()))  # sleep, then spin the last ms: wakes on time
             x = torch.randn(batch, hidden, generator=xg)
@@ -76,19 +86,25 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
         if ckpt_every and step % ckpt_every == 0:
             with t.phase("checkpoint"):
                 torch.save({"w1": w1.detach(), "w2": w2.detach()}, io.BytesIO())
-        if on:
+        if variants:
+            seen[name] += 1
+            t.end_step(seen[name])  # each numbers its own steps (a no-op where disabled)
+        elif on:
             n_on += 1
             tele.end_step(step if not ab_block else n_on)
-        if ab_block:
+        if ab_block or variants:
             now = time.perf_counter()
             walls.append(now - t_prev)
-            state.append(on)
+            state.append(name if variants else on)
             t_prev = now
     wall = time.perf_counter() - t_start
-    tele.close()  # rank 0's online detection finishes the windows it has
+    for t in (variants or {"": tele}).values():
+        t.close()  # rank 0's online detection finishes the windows it has
     out = {"wall_s": wall, "steps": steps}
-    if ab_block:
+    if ab_block or variants:
         out["ab_walls"], out["ab_on"] = walls, state
+    if variants:
+        return out
     if enabled:
         out["tele_overhead"] = tele.overhead()
         out["tele_total_s"] = tele._tele_total
