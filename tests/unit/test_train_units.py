@@ -80,3 +80,44 @@ def test_train_state_restores_all_rng_streams():
     assert restored.step == 7
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
+
+
+_COMPILE_TWICE = """
+import sys
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+from feixing.train.trainer import keep_compile_cache
+
+print(keep_compile_cache(Path(sys.argv[1])))
+f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+assert torch.equal(f(torch.ones(8)), torch.sin(torch.ones(8)) * 2 + 1)
+print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+def test_compile_cache_is_kept_with_the_run_and_hit_by_the_next_process(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from feixing.train import trainer
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(trainer.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    run_dir = tmp_path / "run"
+    outs = [subprocess.run([sys.executable, "-c", _COMPILE_TWICE, str(run_dir)], env=env, check=True,
+                           capture_output=True, text=True).stdout.split("\n") for _ in range(2)]
+    assert outs[0][0] == outs[1][0] == str((run_dir / "compile_cache").resolve())
+    assert any((run_dir / "compile_cache").rglob("*"))  # the compiled graph lives in the run dir
+    assert outs[0][1] == "0 1" and outs[1][1] == "1 0"  # the second process compiled nothing
+    # a place the user chose wins; torch's own default and an earlier run's cache do not
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # restored after the test
+    assert trainer.keep_compile_cache(run_dir) == str(tmp_path / "mine")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert trainer.keep_compile_cache(tmp_path / "a") == str((tmp_path / "a" / "compile_cache").resolve())
+    assert trainer.keep_compile_cache(tmp_path / "b") == str((tmp_path / "b" / "compile_cache").resolve())

@@ -32,6 +32,7 @@ from feixing.checkpoint import commit as _commit
 
 _CHUNK = 16 << 20  # per write when another thread hashes
 _PIECE = 1 << 20  # hash-then-write piece: stays in a core's L2 between the two reads
+_WRITE_BEHIND = 32 << 20  # default write-behind window (checkpoint.write_behind_mb)
 _IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30}
 
 
@@ -74,10 +75,10 @@ class _WriteBehind:
     its background flush, then writes and reclaims them in its own threads, at normal priority
     and on any core. Saving 6 GB that way on the 2-core VM kept the kernel busy for 8-13% of both
     cores, against 4-6% this way, and the save took 23-26 s instead of 18 (docs/BENCHMARKS.md,
-    "write-behind"). So every `window`
-    bytes (`checkpoint.write_behind_mb`) this starts the disk write of the window just written,
-    waits (in this low-priority process) for the one before it and drops that one from the page
-    cache: the disk works while the next window is hashed, and at most two windows are dirty."""
+    "write-behind"). So every `window` bytes (`checkpoint.write_behind_mb`) this starts the disk
+    write of the window just written, waits (in this low-priority process) for the one before it
+    and drops that one from the page cache: the disk works while the next window is hashed, and
+    at most two windows are dirty."""
 
     SYNC_WAIT_BEFORE, SYNC_WRITE, SYNC_WAIT_AFTER = 1, 2, 4
     _sync = _libc_sync_file_range()
@@ -120,7 +121,7 @@ def hash_in_parallel(local_world_size: int | None = None) -> bool:
 
 
 def persist(buf, nbytes: int, header: bytes, path: str, parallel: bool = False,
-            write_behind: int = 32 << 20) -> tuple[int, str]:
+            write_behind: int = _WRITE_BEHIND) -> tuple[int, str]:
     """Write a safetensors file (header + buffer bytes) and its sha256, reading the buffer once.
 
     parallel=False: one thread hashes each 1 MiB piece, then writes it while it is still in the
@@ -176,7 +177,7 @@ def run_job(buf, job: dict) -> dict:
                 f"checkpoint folder {job['root']} vanished (deleted or unmounted during the run)"
             ) from None
         size, digest = persist(buf, job["nbytes"], job["header"].encode(), stem + ".safetensors",
-                               job.get("parallel_hash", False), job.get("write_behind", 32 << 20))
+                               job.get("parallel_hash", False), job.get("write_behind", _WRITE_BEHIND))
         index = dict(job["index"], size=size, sha256=digest)
         _commit.write_durable(stem + ".json", json.dumps(index).encode())
         _commit.fsync_dir(tmp)

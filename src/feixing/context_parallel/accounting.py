@@ -4,12 +4,15 @@ Bytes are what *this rank puts on the wire* under the usual algorithms: all-to-a
 but its own slice ((n-1)/n of the input), point-to-point sends the tensor, ring all-gather
 sends its input n-1 times, ring all-reduce sends 2 (n-1)/n of the buffer. The `log` keeps one
 entry per collective call (kind, phase, label) so tests can check that every rank issued the
-same sequence, e.g. in backward.
+same sequence, e.g. in backward. It keeps the last LOG_MAX entries only: a trainer's CP object
+records every step's collectives, and an unbounded log grew by thousands of entries per step.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
+
+LOG_MAX = 10_000  # far more than one attention forward + backward issues
 
 
 class CommCounter:
@@ -20,7 +23,7 @@ class CommCounter:
 
     def reset(self) -> None:
         self.bytes: dict[tuple[str, str], int] = defaultdict(int)  # (kind, phase) -> bytes
-        self.log: list[tuple[str, str, str]] = []  # (kind, phase, label) in issue order
+        self.log: deque[tuple[str, str, str]] = deque(maxlen=LOG_MAX)  # (kind, phase, label) in issue order
 
     def record(self, kind: str, phase: str, nbytes: int, label: str = "") -> None:
         self.bytes[(kind, phase)] += int(nbytes)

@@ -166,6 +166,10 @@ class ContextParallel:
         """Exact attention of this rank's shard against the whole sequence: (B, S/P, H, D)."""
         return self._attention(q, k, v, causal, document_ids, window, softmax_scale, with_lse=False)[0]
 
+    # Not traced by torch.compile: collectives, Python planning and autograd Functions that Inductor
+    # cannot fuse, whose Python state (ring position, comm log) made a compiled block recompile
+    # at nearly every call. A compiled block calls this eagerly and compiles the rest.
+    @torch.compiler.disable
     def _attention(self, q, k, v, causal, document_ids, window, softmax_scale, with_lse):
         window = self._check(q, k, v, document_ids, window)
         backend = resolve_backend(self.backend, q.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from feixing.train.state import TrainState
 from feixing.train.step import train_step
 
 log = logging.getLogger("feixing")
+_OUR_COMPILE_CACHES: set[str] = set()  # the run dirs' caches keep_compile_cache set (tests run many)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +75,8 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         _write_resolved_config(cfg, run_dir)
+    if cfg.parallel.compile:
+        log.info("torch.compile caches in %s", keep_compile_cache(run_dir))
     dims = ParallelDims.from_config(cfg.parallel, env.world_size)
     meshes = dims.build_mesh(env.device_type)
     log.info("mesh: %s on %s (%s)", dims.describe(), env.device, env.backend)
@@ -162,6 +166,27 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
         if samples is not None:
             samples.close()
     return {"last_loss": last["loss"], "steps_run": last["steps"], "final_step": state.step}
+
+
+def keep_compile_cache(run_dir: Path) -> str:
+    """Keep torch.compile's caches with the run: run_dir/compile_cache, unless the user chose a
+    place (TORCHINDUCTOR_CACHE_DIR). Inductor keeps its compiled graphs (FX graph and AOTAutograd
+    caches) and kernels there, and Triton's kernels follow unless TRITON_CACHE_DIR is set; so a
+    resumed run, on any node that sees the run dir, finds what the first run compiled instead of
+    compiling again at its first step. Every rank points at the same folder (Inductor writes its
+    entries atomically)."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # torch sets the variable to its default itself once anything asks for the cache dir
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        default = os.path.abspath(default_cache_dir())
+    except ImportError:
+        default = None
+    if chosen and os.path.abspath(chosen) not in (default, *_OUR_COMPILE_CACHES):
+        return chosen
+    path = str((run_dir / "compile_cache").resolve())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    _OUR_COMPILE_CACHES.add(path)
+    return path
 
 
 def _warm_up(model, batch: int, seq_len: int, env, cp) -> None:
