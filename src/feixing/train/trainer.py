@@ -178,9 +178,12 @@ def keep_compile_cache(run_dir: Path) -> str:
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     try:  # torch sets the variable to its default itself once anything asks for the cache dir
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-        default = os.path.abspath(default_cache_dir())
-    except ImportError:
-        default = None
+    except ImportError:  # torch < 2.7 kept it here
+        try:
+            from torch._inductor.runtime.runtime_utils import default_cache_dir
+        except ImportError:
+            default_cache_dir = None
+    default = os.path.abspath(default_cache_dir()) if default_cache_dir else None
     if chosen and os.path.abspath(chosen) not in (default, *_OUR_COMPILE_CACHES):
         return chosen
     path = str((run_dir / "compile_cache").resolve())
