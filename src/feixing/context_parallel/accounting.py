@@ -5,7 +5,7 @@ but its own slice ((n-1)/n of the input), point-to-point sends the tensor, ring 
 sends its input n-1 times, ring all-reduce sends 2 (n-1)/n of the buffer. The `log` keeps one
 entry per collective call (kind, phase, label) so tests can check that every rank issued the
 same sequence, e.g. in backward. It keeps the last LOG_MAX entries only: a trainer's CP object
-records every step's collectives, and an unbounded log grew by thousands of entries per step.
+records every collective of every step, so an unbounded log grew for the whole run.
 """
 
 from __future__ import annotations
