@@ -284,6 +284,11 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
     return out
 
 
+def _at(xs: list[float], q: float) -> float:
+    """The q quantile of sorted `xs` (nearest rank below)."""
+    return xs[min(int(q * len(xs)), len(xs) - 1)]
+
+
 def worst_vs_idle(r: dict) -> float:
     """The slowest step while a save persisted against the slowest of as many steps without one.
 
@@ -294,9 +299,7 @@ def worst_vs_idle(r: dict) -> float:
     idle = sorted(r["idle_s"])
     if not over or len(idle) < 5:
         return float("nan")
-    q = 1 - 1 / (len(over) + 1)
-    ref = idle[min(int(q * len(idle)), len(idle) - 1)]
-    return 100 * (max(over) / ref - 1)
+    return 100 * (max(over) / _at(idle, 1 - 1 / (len(over) + 1)) - 1)
 
 
 def quantiles_vs_idle(r: dict, qs=(0.5, 0.9)) -> dict:
@@ -306,8 +309,7 @@ def quantiles_vs_idle(r: dict, qs=(0.5, 0.9)) -> dict:
     idle = sorted(r["idle_s"])
     if len(over) < 5 or len(idle) < 5:
         return {}
-    at = lambda xs, q: xs[min(int(q * len(xs)), len(xs) - 1)]  # noqa: E731
-    return {f"step_q{round(q * 100)}_vs_idle_pct": 100 * (at(over, q) / at(idle, q) - 1) for q in qs}
+    return {f"step_q{round(q * 100)}_vs_idle_pct": 100 * (_at(over, q) / _at(idle, q) - 1) for q in qs}
 
 
 def summarize(r: dict, nbytes: int, base: float, interval: int) -> dict:

@@ -56,6 +56,12 @@ def quads(walls: list[float], on: list[bool], block: int) -> np.ndarray:
     return np.where(o, w, 0).sum(1) / o.sum(1) - np.where(o, 0, w).sum(1) / (~o).sum(1)
 
 
+def boot_ci(d: np.ndarray, rng) -> tuple[float, float]:
+    """Bootstrap 95% interval of the mean of `d`."""
+    lo, hi = np.percentile(rng.choice(d, size=(2000, len(d))).mean(axis=1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def summarize(res: dict, block: int, seed: int, warmup: int) -> dict:
     """Rank 0's step walls after `warmup` steps (the all_reduce makes every rank wait for the
     slowest, so they include the other ranks' telemetry too); bootstrap 95% interval of the mean
@@ -66,13 +72,11 @@ def summarize(res: dict, block: int, seed: int, warmup: int) -> dict:
     d = quads(walls, on, block)
     w, o = np.asarray(walls), np.asarray(on)
     off_mean = float(w[~o].mean())
-    rng = np.random.default_rng(seed)
-    boot = rng.choice(d, size=(2000, len(d))).mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
+    lo, hi = boot_ci(d, np.random.default_rng(seed))
     return {"steps": len(walls), "groups": len(d), "step_off_ms": off_mean * 1e3,
             "step_on_ms": float(w[o].mean()) * 1e3,
-            "diff_us": float(d.mean()) * 1e6, "ci95_us": [float(lo) * 1e6, float(hi) * 1e6],
-            "frac": float(d.mean()) / off_mean, "ci95_frac": [float(lo) / off_mean, float(hi) / off_mean],
+            "diff_us": float(d.mean()) * 1e6, "ci95_us": [lo * 1e6, hi * 1e6],
+            "frac": float(d.mean()) / off_mean, "ci95_frac": [lo / off_mean, hi / off_mean],
             "group_diff_median_us": float(np.median(d)) * 1e6,
             "tele_self_per_on_step_us": res["tele_total_s"] / max(sum(res["ab_on"]), 1) * 1e6}
 
@@ -129,8 +133,7 @@ def variants_run(run_dir: str, steps: int, seed: int, warmup: int = AB_WARMUP) -
     rng = np.random.default_rng(seed)
 
     def ci(d):
-        boot = rng.choice(d, size=(2000, len(d))).mean(axis=1)
-        return [float(x) * 1e6 for x in np.percentile(boot, [2.5, 97.5])]
+        return [x * 1e6 for x in boot_ci(d, rng)]
 
     out = {"groups": int(w.shape[0]), "step_off_ms": float(by["off"].mean()) * 1e3, "variants": {}}
     for v in VARIANTS[1:]:

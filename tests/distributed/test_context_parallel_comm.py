@@ -179,7 +179,8 @@ def _compiled_block_with_cp(rank, world_size):
             y = fn(x, wi)
             y.sum().backward()
             outs.append((y.detach(), wi.grad))
-    return all(torch.equal(a, o[0]) and torch.equal(b, o[1]) for a, b in outs[1:] for o in outs[:1])
+    (y0, g0), rest = outs[0], outs[1:]  # the eager backend runs the same ops: exactly equal
+    return all(torch.equal(y, y0) and torch.equal(g, g0) for y, g in rest)
 
 
 def test_compiled_block_around_cp_attention_matches_eager_without_recompiling(pool4):

@@ -46,8 +46,8 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     fcfg = [FaultConfig(**f) for f in (faults or [])]
     tele_off = Telemetry(TelemetryConfig(enabled=False))
     tele = tele_off if variants else Telemetry(cfg, faults=fcfg, run_dir=run_dir, rank=rank, world_size=world_size)
-    walls, state, n_on = [], [], 0
-    names, order, seen = list(variants or ()), [], dict.fromkeys(variants or (), 0)
+    teles = variants or {True: tele, False: tele_off}  # ab_block: on / off
+    walls, state, order, seen = [], [], [], dict.fromkeys(teles, 0)
     g = torch.Generator().manual_seed(seed)
     w1 = (torch.randn(hidden, 4 * hidden, generator=g) / hidden**0.5).requires_grad_()
     w2 = (torch.randn(4 * hidden, hidden, generator=g) / (4 * hidden) ** 0.5).requires_grad_()
@@ -59,12 +59,11 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     for step in range(1, steps + 1):
         if variants:
             if not order:
-                order = rng.sample(names, len(names))
+                order = rng.sample(list(teles), len(teles))
             name = order.pop()
-            t = variants[name]
         else:
-            on = not ab_block or ((step - 1) // ab_block) % 4 in (0, 3)
-            t = tele if on else tele_off
+            name = not ab_block or ((step - 1) // ab_block) % 4 in (0, 3)
+        t = teles[name]
         with t.phase("data"):
             wait(data_s * (0.8 + 0.4 * rng.random()))  # sleep, then spin the last ms: wakes on time
             x = torch.randn(batch, hidden, generator=xg)
@@ -86,19 +85,15 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
         if ckpt_every and step % ckpt_every == 0:
             with t.phase("checkpoint"):
                 torch.save({"w1": w1.detach(), "w2": w2.detach()}, io.BytesIO())
-        if variants:
-            seen[name] += 1
-            t.end_step(seen[name])  # each numbers its own steps (a no-op where disabled)
-        elif on:
-            n_on += 1
-            tele.end_step(step if not ab_block else n_on)
+        seen[name] += 1
+        t.end_step(seen[name])  # each numbers the steps it sees (a no-op where disabled)
         if ab_block or variants:
             now = time.perf_counter()
             walls.append(now - t_prev)
-            state.append(name if variants else on)
+            state.append(name)
             t_prev = now
     wall = time.perf_counter() - t_start
-    for t in (variants or {"": tele}).values():
+    for t in teles.values():
         t.close()  # rank 0's online detection finishes the windows it has
     out = {"wall_s": wall, "steps": steps}
     if ab_block or variants:
