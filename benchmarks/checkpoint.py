@@ -117,12 +117,16 @@ def rss_gb() -> float:
 
 
 class Feixing:
-    def __init__(self, root: str, app: dict, parallel_hash: bool | None = None, write_behind_mb: int = 32):
+    def __init__(self, root: str, app: dict, parallel_hash: bool | None = None, write_behind_mb: int = 32,
+                 device_snapshot: str = "auto"):
         # interval: never by itself; saves are forced below. maybe_save() after each step lets
         # the manager allocate its buffer ahead of the first save, as in the trainer.
         self.ck = Manager(CheckpointConfig(interval=10**9, keep=1, verify_checksums=False,
-                                           write_behind_mb=write_behind_mb), root, 0, 1)
+                                           write_behind_mb=write_behind_mb, device_snapshot=device_snapshot),
+                          root, 0, 1)
         self.name = "feixing" if write_behind_mb else "feixing(no write-behind)"
+        if device_snapshot != "auto":
+            self.name += f"(device snapshot {device_snapshot})"
         if parallel_hash is not None:  # force the writer's hashing mode (default: by core count)
             self.ck._parallel_hash = parallel_hash
             self.name += "(2 writer threads)" if parallel_hash else "(1 writer thread)"
@@ -144,8 +148,8 @@ class Feixing:
 
     def close(self) -> list[dict]:
         self.ck.close()
-        return [{"persist_s": r.get("persist_s", 0) + r.get("commit_s", 0), "stage_s": r.get("stage_s")}
-                for r in self.ck.stats]
+        return [{"persist_s": r.get("persist_s", 0) + r.get("commit_s", 0), "stage_s": r.get("stage_s"),
+                 "snapshot": r.get("snapshot")} for r in self.ck.stats]
 
 
 class Dcp:
@@ -520,6 +524,7 @@ def main() -> None:
               "feixing_1thread": lambda d: Feixing(d, app, parallel_hash=False),
               "feixing_2threads": lambda d: Feixing(d, app, parallel_hash=True),
               "feixing_no_write_behind": lambda d: Feixing(d, app, write_behind_mb=0),
+              "feixing_no_snapshot": lambda d: Feixing(d, app, device_snapshot="off"),
               "dcp_async": lambda d: Dcp(d, app, True),
               "dcp_async_process": lambda d: Dcp(d, app, True, process=True),
               "dcp_sync": lambda d: Dcp(d, app, False)}

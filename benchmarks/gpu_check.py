@@ -1,4 +1,5 @@
-"""One short GPU session: CUDA parity tests, attention fwd+bwd timing, single-GPU training throughput.
+"""One short GPU session: CUDA parity tests, the checkpoint device snapshot at 12 GB, attention
+fwd+bwd timing, single-GPU training throughput.
 
 Run on a CUDA machine from the repository root:  python benchmarks/gpu_check.py [--out DIR]
 Prints tables and writes gpu_check.json (to --out, default benchmarks/results/).
@@ -84,10 +85,26 @@ def train_throughput(extra: list[str], name: str) -> dict:
             "last_loss": recs[-1]["loss"]}
 
 
+def checkpoint_snapshot(out: Path) -> dict:
+    """12 GB of state (1B fp32 parameters + AdamW) on the GPU, ~100 ms steps: the loop with the
+    device snapshot against the direct device-to-host copy, in one run (benchmarks/checkpoint.py)."""
+    path = out / "checkpoint_gpu_snapshot.json"
+    cmd = [sys.executable, "benchmarks/checkpoint.py", "--params", "1e9", "--saves", "3", "--interval", "150",
+           "--warmup", "50", "--step-ms", "100", "--methods", "feixing,feixing_no_snapshot,feixing",
+           "--out", str(path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+                          capture_output=True, text=True, timeout=420)
+    print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
+    if proc.returncode:
+        return {"error": proc.stderr[-2000:]}
+    return {"summary": json.loads(path.read_text())["summary"], "command": " ".join(cmd[1:])}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--skip-checkpoint", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +115,8 @@ def main() -> int:
                            capture_output=True, text=True)
     result["gpu_tests"] = tests.stdout.strip().splitlines()[-1:]
     print(tests.stdout[-3000:], flush=True)
+    if not a.skip_checkpoint:
+        result["checkpoint"] = checkpoint_snapshot(out)
     result["attention"] = attention_timing([2048, 8192, 32768])
     subprocess.run([sys.executable, "-m", "feixing", "prepare", "--demo", "--quiet", "--out",
                     "data/gpu_demo", "--max-bytes", "20000000"], cwd=ROOT,

@@ -51,3 +51,22 @@ def test_cuda_save_resume_exact_with_pinned_staging(tmp_path):
             assert torch.equal(sa[k][n].cpu(), sb[k][n].cpu()), (k, n)
     assert fresh["loader"] == {"pos": 6}
     print(f"cuda staging: registered={pinned}")
+
+
+@pytest.mark.parametrize("snapshot", ["on", "off"])
+def test_cuda_device_snapshot_saves_the_state_of_its_step(tmp_path, snapshot):
+    """The optimizer runs right after wait_staging(); with a snapshot the copy to the host is still
+    going on then, and the checkpoint must still hold the state of the step it was taken at."""
+    app = _app(0)
+    ck = Manager(CheckpointConfig(interval=3, device_snapshot=snapshot), str(tmp_path), 0, 1)
+    _train(ck, app, 1, 6)  # saves at 3 and 6
+    at6 = [p.detach().clone() for p in app["model"].parameters()]
+    _train(ck, app, 7, 8)  # two more updates while the save of step 6 may still be copying
+    ck.close()
+    assert ck.errors == [] and all(r["snapshot"] == (snapshot == "on") for r in ck.stats)
+    fresh = _app(1)
+    ck2 = Manager(CheckpointConfig(interval=3), str(tmp_path), 0, 1)
+    assert ck2.resume(fresh, "auto") == 6
+    ck2.close()
+    for p, q in zip(at6, fresh["model"].parameters()):
+        assert torch.equal(p, q)

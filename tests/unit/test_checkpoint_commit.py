@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from feixing.checkpoint import CheckpointError, Manager
 from feixing.checkpoint import commit as C
-from feixing.checkpoint.stage import decode, encode
+from feixing.checkpoint.stage import decode, encode, snapshot_fits
 from feixing.config.schema import CheckpointConfig
 
 
@@ -278,3 +279,63 @@ def test_writer_one_pass_and_parallel_hash_write_the_same_file(tmp_path, paralle
         waited = [off for off, n, f in calls if f != wb.SYNC_WRITE]
         assert started == [i << 20 for i in range(size >> 20)] and waited == started[:-1]
     assert hash_in_parallel(local_world_size=10**6) is False  # never more ranks than cores
+
+
+def test_device_snapshot_frees_the_sources_before_the_host_copy_ends(monkeypatch):
+    """With a snapshot, wait() returns while the copy to the host still runs, and changing the
+    sources then does not change what is saved (on CPU the snapshot path runs as on a device,
+    with the device-to-device copy done in place of being queued)."""
+    from feixing.checkpoint import stage
+
+    srcs = {"a": torch.arange(1000.0), "b": torch.arange(10, dtype=torch.int64)}
+    items = [(k, t.dtype, tuple(t.shape)) for k, t in srcs.items()]
+    want = {k: t.clone() for k, t in srcs.items()}
+    gate = threading.Event()
+    real = stage._copy_all
+
+    def held(dsts, s, non_blocking):  # the staging thread's copy waits until the loop moved on
+        if threading.current_thread().name == "feixing-ckpt-stage":
+            assert gate.wait(10)
+        real(dsts, s, non_blocking)
+    monkeypatch.setattr(stage, "_copy_all", held)
+    st = stage.Stager("cpu", snapshot="on")
+    st.prepare(items)
+    assert st.snap is not None
+    done = []
+    st.start(srcs, then=lambda: done.append(1))
+    st.wait(everything=False)  # what wait_staging() does before the optimizer
+    assert not done  # the host copy is still held
+    for t in srcs.values():
+        t.add_(1)  # the "optimizer" changes the parameters
+    gate.set()
+    st.wait(everything=True)
+    assert done == [1]
+    for k in srcs:
+        assert torch.equal(st.view(k), want[k]), k
+    st.close()
+    off = stage.Stager("cpu", snapshot="auto")
+    off.prepare(items)
+    assert off.snap is None  # auto never snapshots on CPU
+    off.close()
+
+
+def test_snapshot_fits_keeps_a_margin():
+    gib = 1 << 30
+    assert snapshot_fits(12 * gib, free=30 * gib, total=80 * gib)  # 12 + 8 (10% of 80) <= 30
+    assert not snapshot_fits(12 * gib, free=19 * gib, total=80 * gib)
+    assert not snapshot_fits(1 * gib, free=2 * gib, total=8 * gib)  # the 2 GiB floor
+
+
+def test_device_snapshot_saves_the_same_files(tmp_path):
+    _run(tmp_path / "off", device_snapshot="off")
+    app, ck = _run(tmp_path / "on", device_snapshot="on")
+    assert ck.errors == [] and all(r["snapshot"] for r in ck.stats)
+    for step in ("step-00000002", "step-00000004"):
+        fa = C.read_manifest(os.path.join(_root(tmp_path / "off"), step))["files"]
+        fs = C.read_manifest(os.path.join(_root(tmp_path / "on"), step))["files"]
+        assert fa == fs
+    fresh = _app(seed=1)
+    ck2 = Manager(CheckpointConfig(interval=2), str(tmp_path / "on"), 0, 1)
+    assert ck2.resume(fresh, "auto") == 4
+    ck2.close()
+    _same_state(app, fresh)

@@ -110,6 +110,7 @@ def test_valid_demo_config_has_no_problems(tmp_path):
     (["checkpoint.keep=0"], 4, "checkpoint.keep = 0"),
     (["checkpoint.keep_every=-2"], 4, "keep_every"),
     (["checkpoint.on_error=panic"], 4, "continue, stop"),
+    (["checkpoint.device_snapshot=yes"], 4, "device_snapshot = 'yes'"),
     (["model.flavor=gpt5"], 4, "model.flavor = 'gpt5'"),
     (["model.vocab_size=-1"], 4, "model.vocab_size"),
     (["model.hf_checkpoint=/no/such/folder"], 4, "model.hf_checkpoint"),

@@ -161,11 +161,15 @@ class Manager:
     # ---- saving ------------------------------------------------------------------------------
 
     def wait_staging(self) -> None:
-        """Call right before optimizer.step(): returns once the pending staging copy is complete."""
+        """Call right before optimizer.step(): returns once the pending save no longer needs the
+        parameters as they are (copied to the host, or to the device snapshot: see stage.py)."""
+        self._wait_staging(everything=False)
+
+    def _wait_staging(self, everything: bool) -> None:
         t0 = time.perf_counter()
         if self.stager is not None:
             try:
-                self.stager.wait()
+                self.stager.wait(everything)
             except Exception as e:  # noqa: BLE001 - reported according to on_error
                 self._inflight = None
                 self._failed(f"staging failed: {type(e).__name__}: {e}")
@@ -181,7 +185,7 @@ class Manager:
             self._poll(block=False)
             return False
         t0 = time.perf_counter()
-        self.wait_staging()
+        self._wait_staging(everything=True)
         waited = self._poll(block=True)  # one save in flight: the previous must be done
         if waited > 0.05:
             log.warning("checkpoint at step %d waited %.2f s for the previous save to persist; "
@@ -196,7 +200,7 @@ class Manager:
         except Exception as e:
             raise C.CheckpointError(f"checkpoint at step {step}: {e}") from e
         if self.stager is None:
-            self.stager = Stager(self._device_type(sources))
+            self.stager = Stager(self._source_device(sources), self.cfg.device_snapshot)
         record = {"step": step, "bytes": sum(t.numel() * t.element_size() for t in sources.values())}
         self.stats.append(record)
         self._inflight = {"step": step, "t0": time.perf_counter()}
@@ -211,6 +215,7 @@ class Manager:
         t_stage = time.perf_counter()
         try:
             realloc = self.stager.prepare(items)
+            record["snapshot"] = self.stager.snap is not None
             if realloc and self.writer is not None:
                 self.writer.close()
                 self.writer = None
@@ -226,8 +231,8 @@ class Manager:
         return True
 
     @staticmethod
-    def _device_type(sources: dict) -> str:
-        return next((t.device.type for t in sources.values() if t.device.type != "cpu"), "cpu")
+    def _source_device(sources: dict) -> torch.device:
+        return next((t.device for t in sources.values() if t.device.type != "cpu"), torch.device("cpu"))
 
     def _preallocate(self, app_state: dict) -> None:
         """Size, allocate, pin the staging buffer and start the writer in the background, so the
@@ -240,7 +245,7 @@ class Manager:
         except Exception:  # noqa: BLE001 - the first real save reports it
             self._prealloc_failed = True  # do not pay for get_state_dict at every step
             return
-        self.stager = Stager(self._device_type(sources))
+        self.stager = Stager(self._source_device(sources), self.cfg.device_snapshot)
         self.stager.prepare_async([(k, t.dtype, tuple(t.shape)) for k, t in sources.items()],
                                   then=self._ensure_writer)
 
@@ -311,7 +316,7 @@ class Manager:
 
     def flush(self) -> None:
         """Block until the save in flight (if any) is persisted and, on rank 0, committed."""
-        self.wait_staging()
+        self._wait_staging(everything=True)
         self._poll(block=True)
 
     def close(self) -> None:

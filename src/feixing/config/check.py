@@ -102,6 +102,8 @@ def problems(cfg: Config, world_size: int, check_data: bool = True) -> list[str]
         out.append(f"checkpoint.keep = {c.keep}: must be >= 1 (the newest is always kept)")
     if c.keep_every < 0:
         out.append(f"checkpoint.keep_every = {c.keep_every}: must be >= 0 (0 = off)")
+    if c.device_snapshot not in ("auto", "on", "off"):
+        out.append(f"checkpoint.device_snapshot = {c.device_snapshot!r}: must be 'auto', 'on' or 'off'")
     if c.write_behind_mb < 0:
         out.append(f"checkpoint.write_behind_mb = {c.write_behind_mb}: must be >= 0 (0 = off)")
     for i, f in enumerate(cfg.faults):

@@ -133,6 +133,8 @@ class CheckpointConfig:
     """When a save fails (disk full, permissions): continue (warn, keep training) | stop."""
     write_behind_mb: int = 32
     """Linux: while a save is written, hand every this many MiB to the disk and drop it from the page cache, so a large save never piles up dirty pages for the kernel to flush at normal priority; 0 = leave it to the kernel (one fsync at the end)."""
+    device_snapshot: str = "auto"
+    """GPU/NPU: copy the state into spare device memory first, so the optimizer waits only for that device-to-device copy while the snapshot crosses to the host behind training: auto (when the device keeps 2 GiB and 10% free after it; never on CPU) | on | off."""
     commit_timeout_s: float = 600.0
     """Rank 0 commits a save once every rank's files are on disk; it gives up (save failed, previous checkpoint kept) after this many seconds."""
     record_sample_ids: bool = False
