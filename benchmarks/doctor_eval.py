@@ -162,16 +162,20 @@ def one(pool, d: str, run: dict | None, seed: int, steps: int):
 
 
 def online_replay(data, interval: int = 50) -> list[tuple[int, str]]:
-    """The warnings rank 0's online detector would log: the same window medians each rank pushes
-    (telemetry.ONLINE_SIGNALS, every `interval` steps), fed to OnlineDetector from the records."""
-    from feixing.diagnose.detect import OnlineDetector
+    """The warnings rank 0's online detector would log: what each rank pushes every `interval`
+    steps (window medians of telemetry.ONLINE_SIGNALS and per-step rows of detect.ONLINE_ROWS),
+    fed to OnlineDetector from the records."""
+    from feixing.diagnose.detect import ONLINE_ROWS, OnlineDetector
     from feixing.diagnose.telemetry import ONLINE_SIGNALS
     det, out = OnlineDetector(data.world_size), []
     zero = np.zeros_like(data.sig["step"])
+    cpu = "cpu_forward" in data.sig
     for end in range(interval, len(data.steps) + 1, interval):
         w = slice(end - interval, end)
         m = np.stack([np.nanmedian(data.sig.get(n, zero)[:, w], axis=1) for n in ONLINE_SIGNALS], axis=1)
-        out += [(int(data.steps[end - 1]), msg) for msg in det.update(int(data.steps[end - 1]), m)]
+        rows = {r: np.stack([data.steps[w].astype(float)] + [data.sig.get(n, zero)[r, w] for n in ONLINE_ROWS[1:]],
+                            axis=1) for r in range(data.world_size)}
+        out += [(int(data.steps[end - 1]), msg) for msg in det.update(int(data.steps[end - 1]), m, rows, cpu)]
     return out
 
 

@@ -50,6 +50,9 @@ DRIFT_MIN = 0.01           # smallest relative drift we report (1%)
 DRIFT_K_SIGMA = 0.5        # CUSUM slack in baseline sigmas (and at least DRIFT_MIN / 2)
 DRIFT_H_SIGMA = 5.0        # CUSUM alarm level in baseline sigmas (and at least DRIFT_H_MIN * DRIFT_MIN)
 DRIFT_H_MIN = 5.0
+# Online: the per-step fields each rank pushes with its window medians, for the straggler rule
+# (the names find_stragglers reads; "step" first is the step number, then "step" is its time).
+ONLINE_ROWS = ("step_no", "step", "data", "compute", "gc", "sched")
 # Online: window medians are noisier and the dispatch canary is not there to confirm a small
 # drift, and a warning in the log should be rare: a higher alarm level and at least 10% growth.
 ONLINE_H_SIGMA, ONLINE_H_MIN, ONLINE_DRIFT_MIN = 10.0, 8.0, 0.10
@@ -117,14 +120,22 @@ def minority(flags: np.ndarray) -> np.ndarray:
     return flags & (2 * flags.sum(axis=0) < flags.shape[0])
 
 
-def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Finding]:
+def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray], first_step: int | None = None,
+                    compute_cpu: bool | None = None) -> list[Finding]:
+    """`first_step`: the run's first step (default steps[0]; online detection passes it because
+    it sees only the latest steps); `compute_cpu`: compute is CPU time (default: the records had
+    it), which descheduled time does not inflate."""
     if sig["step"].shape[0] < 3:  # peers need a majority to define "normal"
         return []
+    first_step = int(steps[0]) if first_step is None else first_step
+    compute_cpu = "cpu_forward" in sig if compute_cpu is None else compute_cpu
     step_ref = rolling(np.nanmedian(sig["step"], axis=0), STRAGGLER_WINDOW)
     out = []
     # Time a rank spent runnable but descheduled (other processes on its core) is not its own
     # slowness in a wall-time layer; subtract any such excess over its peers.
     sched_exc = np.maximum(peer_excess(rolling(sig["sched"], STRAGGLER_WINDOW)), 0) if "sched" in sig else 0.0
+    sched_raw = np.maximum(peer_excess(sig["sched"]), 0) if "sched" in sig else 0.0
+    step_ref_all = np.where(np.isfinite(step_ref), step_ref, np.nanmedian(sig["step"]))
     for layer in ("data", "compute", "gc"):
         if layer not in sig:
             continue
@@ -132,13 +143,16 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
         thr = STRAGGLER_MIN_FRAC * {"data": 1.4, "compute": 1.2}.get(layer, 1.0)
         m = rolling(sig[layer], STRAGGLER_WINDOW)
         exc = peer_excess(m)
-        if layer != "compute" or "cpu_forward" not in sig:
+        raw = peer_excess(sig[layer])  # per step, for the onset
+        if layer != "compute" or not compute_cpu:
             exc = exc - sched_exc
+            raw = raw - sched_raw
+        raw = raw / step_ref_all
         frac = exc / step_ref
         with np.errstate(all="ignore"):
             rel = exc / (m - exc)
         flags = minority((frac > thr) & (rel > STRAGGLER_MIN_REL))
-        flags[:, : int(np.searchsorted(steps, steps[0] + STRAGGLER_WARMUP))] = False
+        flags[:, : int(np.searchsorted(steps, first_step + STRAGGLER_WARMUP))] = False
         for r in range(m.shape[0]):
             flag = flags[r]
             runs = [(a, b) for a, b in _runs(flag) if b - a >= STRAGGLER_PERSIST]
@@ -146,7 +160,7 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
                 continue
             a, _b = runs[0]
             det = a + STRAGGLER_PERSIST - 1
-            onset = max(a - STRAGGLER_WINDOW // 2, 0)
+            onset = change_point(raw[r], max(a - STRAGGLER_WINDOW, 0), det)
             flagged = np.concatenate([np.arange(x, y) for x, y in runs])
             mag = float(np.nanmedian(rel[r, flagged]))
             share = float(np.nanmedian(frac[r, flagged]))
@@ -158,6 +172,25 @@ def find_stragglers(steps: np.ndarray, sig: dict[str, np.ndarray]) -> list[Findi
             out.append(Finding("straggler", layer, [r], int(steps[onset]), round(mag, 4), summ,
                                int(steps[det]), ev))
     return out
+
+
+def change_point(x: np.ndarray, lo: int, hi: int) -> int:
+    """Onset of a shift up in x[lo:hi + 1]: the split into a lower segment before and a higher one
+    from it with the least squared error (the least-squares change point). A rolling median alone
+    puts the onset half a window before its first flag: earlier when a milder slowness just
+    before the shift joins the flagged run, though the shift itself is still plain to see."""
+    seg = np.asarray(x[lo:hi + 1], dtype=float)
+    fill = np.nanmedian(seg) if np.isfinite(seg).any() else 0.0
+    seg = np.where(np.isfinite(seg), seg, fill)
+    best, at = np.inf, hi
+    for t in range(1, len(seg)):
+        a, b = seg[:t], seg[t:]
+        if b.mean() <= a.mean():
+            continue
+        cost = ((a - a.mean()) ** 2).sum() + ((b - b.mean()) ** 2).sum()
+        if cost < best:
+            best, at = cost, lo + t
+    return at
 
 
 def find_slow_links(can_steps: np.ndarray, lat: np.ndarray, link_from: list[int],
@@ -249,29 +282,38 @@ def drift_test(x: np.ndarray, norm: float | None = None, step_sigma: float = 0.0
 
 
 class OnlineDetector:
-    """Rank 0's online rules over windows all-gathered every `detect_interval` steps.
+    """Rank 0's online rules, fed every `detect_interval` steps with what each rank pushed.
 
-    Each update gets a (ranks, len(ONLINE_SIGNALS)) matrix of per-rank window medians. The
-    rules are the offline ones at window resolution: a straggler must be flagged in two
-    consecutive windows; a drift is a CUSUM of the all-rank median against the first
+    `update` gets a (ranks, len(ONLINE_SIGNALS)) matrix of per-rank window medians and, from
+    every rank, the window's per-step rows (ONLINE_ROWS). Stragglers: the offline rule
+    (find_stragglers) over the latest steps, so a warning names the same rank, layer and onset
+    as `feixing doctor` would, one window at most after the step it would have been detected at.
+    Without per-step rows (the all_gather fallback sends only medians) a straggler must be
+    flagged in two consecutive windows. Drifts: a CUSUM of the all-rank median against the first
     DRIFT_BASE_BLOCKS windows, with a higher alarm level than offline (ONLINE_*). Each
     (kind, rank, layer) warns once.
     """
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, keep: int = 200):
         from feixing.diagnose.telemetry import ONLINE_SIGNALS
         self.names = ONLINE_SIGNALS
         self.world_size = world_size
+        self.keep = keep  # per-step rows kept (the straggler rule looks back 21 steps)
+        self.rows: dict[int, np.ndarray] = {}  # step -> (ranks, len(ONLINE_ROWS) - 1)
+        self.first_step: int | None = None
         self.flags: dict[tuple, int] = {}
         self.said: set = set()
         self.hist: dict[str, list[float]] = {"data": [], "compute": []}
         self.state: dict[str, list[float]] = {}
 
-    def update(self, step: int, m: np.ndarray) -> list[str]:
+    def update(self, step: int, m: np.ndarray, rows: dict[int, np.ndarray] | None = None,
+               compute_cpu: bool = False) -> list[str]:
         col = {n: m[:, i] for i, n in enumerate(self.names)}
         step_med = float(np.median(col["step"]))
         msgs = []
-        if self.world_size >= 3 and step_med > 0:
+        if self.world_size >= 3 and rows is not None:
+            msgs += self._stragglers(step, rows, compute_cpu)
+        elif self.world_size >= 3 and step_med > 0:
             for layer in ("data", "compute", "gc"):
                 exc = peer_excess(col[layer][:, None])[:, 0]
                 peer = col[layer] - exc
@@ -289,6 +331,32 @@ class OnlineDetector:
             msg = self._drift(layer, float(np.min(col[layer])), step_med, step)
             if msg:
                 msgs.append(msg)
+        return msgs
+
+    def _stragglers(self, step: int, rows: dict[int, np.ndarray], compute_cpu: bool) -> list[str]:
+        """rows: rank -> (n, len(ONLINE_ROWS)) array, the first column the step number."""
+        for r, a in rows.items():
+            for row in a:
+                if np.isfinite(row[0]):
+                    s = int(row[0])
+                    self.rows.setdefault(s, np.full((self.world_size, len(ONLINE_ROWS) - 1), np.nan))[r] = row[1:]
+        if not self.rows:
+            return []
+        if self.first_step is None:
+            self.first_step = min(self.rows)
+        for s in sorted(self.rows)[:-self.keep]:
+            del self.rows[s]
+        steps = np.array(sorted(self.rows), dtype=np.int64)
+        block = np.stack([self.rows[s] for s in steps], axis=2)  # (ranks, fields, steps)
+        sig = {name: block[:, i] for i, name in enumerate(ONLINE_ROWS[1:])}
+        msgs = []
+        for f in find_stragglers(steps, sig, self.first_step, compute_cpu):
+            key = ("straggler", f.ranks[0], f.layer)
+            if key not in self.said:
+                self.said.add(key)
+                msgs.append(f"rank {f.ranks[0]} is a straggler in {f.layer}: {f.magnitude:.0%} slower than "
+                            f"its peers since step {f.first_step} (detected at step {f.detected_step}, "
+                            f"window ending at step {step})")
         return msgs
 
     def _drift(self, layer: str, v: float, step_med: float, step: int) -> str | None:

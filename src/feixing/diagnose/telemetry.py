@@ -133,7 +133,8 @@ class Telemetry:
         self._sched0 = _read_sched(self._sched_fd)
         self._events: deque = deque()
         self._dev_pending: dict = {}
-        self._history: deque = deque(maxlen=64)  # recent step records, for faults and online windows
+        # recent step records, for faults and online windows
+        self._history: deque = deque(maxlen=max(64, cfg.detect_interval))
         self._buf: list = []  # step records as dicts (formatted at flush: cheaper than per step), other lines as str
         self._cur_step = None
         self._gc_total, self._gc_n, self._gc_t0 = 0.0, 0, 0.0
@@ -243,7 +244,9 @@ class Telemetry:
             self.online.all_gather(step, vec, self._comm_device)
             self._hb.exit()
         else:
-            self.online.push(step, vec)
+            rows = [(r["step"], r["step_s"], _signal(r, "data"), _signal(r, "compute"), r["gc_s"],
+                     r.get("sched_s", 0.0)) for r in window]  # detect.ONLINE_ROWS
+            self.online.push(step, vec, rows, self._cpu_clock is not None)
         self._buf.append(f'{{"type":"online","step":{step},"cost_s":{perf_counter() - t0:.6f}}}\n')
 
     def flush(self) -> None:
