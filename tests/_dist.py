@@ -42,7 +42,10 @@ def _worker(rank: int, world_size: int, port: int, sys_path: list[str], tasks, r
     import torch
     import torch.distributed as dist
 
+    from feixing.distributed.env import enable_flight_recorder
+
     torch.set_num_threads(1)
+    enable_flight_recorder()  # as the trainer does: the hang watchdog reads it
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     while True:
         task = tasks.get()

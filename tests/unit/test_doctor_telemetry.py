@@ -13,7 +13,7 @@ from feixing.diagnose import Telemetry
 from feixing.diagnose.faults import FaultInjector, check_faults
 from feixing.diagnose.report import doctor_main, hang_findings, load_run
 from feixing.diagnose.sim import run_loop
-from feixing.diagnose.watchdog import Heartbeat, Watchdog, laggards
+from feixing.diagnose.watchdog import Heartbeat, Watchdog, collective_laggards, laggards
 from tests.unit.test_doctor_detect import write_run
 
 CFG = {"canary_interval": 5, "probe_interval": 0, "online_detect": False, "hang_timeout_s": 0}
@@ -96,6 +96,31 @@ def test_watchdog_names_the_rank_that_did_not_arrive(tmp_path):
     # left unconverted would be off by decades)
     snap = hb.snapshot()
     assert abs(snap["t_enter"] - time.time()) < 5 and abs(snap["recent"][-1][3] - time.time()) < 5
+
+
+def test_hang_inside_one_phase_is_named_from_the_collectives():
+    """Every rank is in 'forward' (FSDP all-gathers run inside it), so the heartbeats name nobody;
+    the flight recorder's per-group counts show rank 2 never issued the all-gather #41 the others
+    wait in. A group only some ranks have entries for is compared among those."""
+    def dump(seq0, seq1=None):
+        d = {"issued": {"0": seq0},
+             "last": [{"pg": "0", "seq": q, "op": "nccl:_allgather_base", "sizes": [[8]]} for q in (seq0 - 1, seq0)]}
+        if seq1 is not None:
+            d["issued"]["3"] = seq1
+        return d
+    colls = {0: dump(41, 7), 1: dump(41, 7), 2: dump(40), 3: dump(41)}
+    lag = collective_laggards(colls)
+    assert [(x["pg"], x["seq"], x["op"], x["behind"], x["waiting"]) for x in lag] == \
+        [("0", 41, "nccl:_allgather_base", [2], [0, 1, 3])]
+    beat = {"seq": 9, "step": 5, "phase": "forward", "open": True, "t_enter": 0.0, "recent": []}
+    rep = {"reporter": 0, "time": 1.0, "timeout_s": 600.0, "step": 5, "phase": "forward", "seq": 9,
+           "behind": [], "missing": [], "heartbeats": {str(r): beat for r in range(4)}}
+    f = hang_findings([rep])[0]
+    assert f.ranks == [] and "no rank is behind at phase granularity" in f.summary
+    f = hang_findings([rep], colls)[0]
+    assert f.ranks == [2] and f.summary.startswith(
+        "hang: rank 2 did not arrive at nccl:_allgather_base #41 of process group 0; ranks [0, 1, 3] waited in it")
+    assert collective_laggards({0: dump(5), 1: dump(5)}) == []
 
 
 def test_ab_blocks_switch_telemetry_and_cpu_clock_is_read_for_compute_only(tmp_path):

@@ -20,6 +20,7 @@ from feixing.diagnose.detect import Finding, find_slow_links, find_stragglers
 from feixing.diagnose.drift import combine, find_drifts, find_spikes
 from feixing.diagnose.html_report import render_html
 from feixing.diagnose.telemetry import COMPUTE_PHASES
+from feixing.diagnose.watchdog import collective_laggards
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RunData:
     link_from: list[int]
     hangs: list[dict] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    collectives: dict[int, dict] = field(default_factory=dict)  # rank -> watchdog.last_collectives()
 
 
 def load_run(run_dir: str) -> RunData:
@@ -97,21 +99,34 @@ def load_run(run_dir: str) -> RunData:
                     can[k][rank, cc[s]] = r[k]
             if "link_from" in r:
                 link_from[rank] = r["link_from"]
-    hangs = []
+    hangs, colls = [], {}
     for path in sorted(glob.glob(os.path.join(tdir, "hang-rank-*.json"))):
         with open(path) as f:
             hangs.append(json.load(f))
-    return RunData(world, steps, sig, can_steps, can, link_from, hangs, meta)
+    for path in sorted(glob.glob(os.path.join(tdir, "collectives-rank-*.json"))):
+        with open(path) as f:
+            c = json.load(f)
+        colls[int(c["rank"])] = c
+    return RunData(world, steps, sig, can_steps, can, link_from, hangs, meta, colls)
 
 
-def hang_findings(hangs: list[dict]) -> list[Finding]:
+def hang_findings(hangs: list[dict], colls: dict[int, dict] | None = None) -> list[Finding]:
     if not hangs:
         return []
     behind = sorted({r for h in hangs for r in h["behind"] + h["missing"]})
     h0 = min(hangs, key=lambda h: h["time"])
     waiting = sorted({h["reporter"] for h in hangs})
     beats = h0["heartbeats"]
-    if behind:
+    lag = collective_laggards(colls) if colls else []
+    if lag:  # collective granularity (the flight recorder): names a rank even inside one phase
+        g = lag[0]
+        behind = sorted({r for x in lag for r in x["behind"]})
+        last = "; ".join(f"rank {r} issued {x['last_seq'][str(r)]} collectives on process group {x['pg']}, "
+                         f"the others {x['seq']}" for x in lag for r in x["behind"])
+        summ = (f"hang: rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} did not arrive "
+                f"at {g['op']} #{g['seq']} of process group {g['pg']}; ranks {g['waiting']} waited in it "
+                f"(in {h0['phase']!r} of step {h0['step']}) over {h0['timeout_s']:.0f} s")
+    elif behind:
         last = "; ".join(f"rank {r} last entered {beats[str(r)]['phase']!r} of step {beats[str(r)]['step']}"
                          for r in behind if str(r) in beats)
         summ = (f"hang: rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} did not arrive "
@@ -121,6 +136,9 @@ def hang_findings(hangs: list[dict]) -> list[Finding]:
         summ = (f"hang: every rank stayed in {h0['phase']!r} of step {h0['step']} for over "
                 f"{h0['timeout_s']:.0f} s; no rank is behind at phase granularity")
     ev = [last] if last else []
+    for r, c in sorted((colls or {}).items()):
+        ev.append(f"rank {r} last collectives (process group, #, op): "
+                  + ", ".join(f"({e['pg']}, {e['seq']}, {e['op']})" for e in c["last"][-3:]))
     for r, b in sorted(beats.items(), key=lambda kv: int(kv[0])):
         ev.append(f"rank {r} recent phases (seq, step, phase): "
                   + ", ".join(f"({s}, {st}, {p})" for s, st, p, _ in b["recent"][-4:]))
@@ -130,14 +148,14 @@ def hang_findings(hangs: list[dict]) -> list[Finding]:
 
 def diagnose(data: RunData) -> list[Finding]:
     if data.steps.size == 0:
-        return hang_findings(data.hangs)
+        return hang_findings(data.hangs, data.collectives)
     stragglers = find_stragglers(data.steps, data.sig)
     step_med = float(np.nanmedian(data.sig["step"]))
     links = find_slow_links(data.can_steps, data.can["link_lat_s"], data.link_from, step_med) \
         if "link_lat_s" in data.can else []
     drifts = find_drifts(data.steps, data.sig, data.can_steps, data.can)
     spikes = find_spikes(data.steps, data.sig)
-    return combine(stragglers, links, drifts, spikes, hang_findings(data.hangs))
+    return combine(stragglers, links, drifts, spikes, hang_findings(data.hangs, data.collectives))
 
 
 def diagnose_run(run_dir: str) -> list[Finding]:

@@ -9,10 +9,18 @@ collective hold a higher sequence number than the rank that never arrived. The f
 timeout fires writes `telemetry/hang-rank-XXXXX.json` with every rank's heartbeat and the ranks
 that are behind, and logs it. The watchdog does not kill anything: the collective's own timeout
 still ends the job.
+
+Phases are coarse: with FSDP every rank is inside `forward` while one of them has not reached
+an all-gather. So when a hang is reported, every rank's watchdog (the stalled rank's too: its
+thread still runs) also writes `telemetry/collectives-rank-XXXXX.json`: the last collectives of
+torch's flight recorder (`TORCH_FR_BUFFER_SIZE`, which feixing's launcher sets) with, per
+process group, the sequence number of the last collective the rank issued. `collective_laggards`
+names the ranks that did not issue the collective the others wait in.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -64,6 +72,47 @@ def laggards(beats: dict[int, dict], world_size: int) -> tuple[list[int], list[i
     return sorted(r for r, b in beats.items() if b["seq"] < top), missing
 
 
+def last_collectives(n: int = 8) -> dict | None:
+    """This rank's flight recorder (torch.distributed): per process group id the sequence number of
+    the last collective it issued, and its last `n` collectives; None when the recorder is off
+    (TORCH_FR_BUFFER_SIZE unset) or this torch has none. Point-to-point operations are left out:
+    their numbers count per pair of ranks."""
+    try:
+        import torch._C._distributed_c10d as c10d
+        d = json.loads(c10d._dump_fr_trace_json(True, False))
+    except Exception:  # noqa: BLE001 - no recorder in this build, or no process group
+        return None
+    entries = [e for e in d.get("entries", []) if not e.get("is_p2p")]
+    if not entries:
+        return None
+    issued: dict[str, int] = {}
+    for e in entries:
+        pg = e["process_group"][0]
+        issued[pg] = max(issued.get(pg, 0), int(e["collective_seq_id"]))
+    last = [{"pg": e["process_group"][0], "seq": e["collective_seq_id"], "op": e["profiling_name"],
+             "sizes": e.get("input_sizes")} for e in entries[-n:]]
+    return {"issued": issued, "last": last}
+
+
+def collective_laggards(dumps: dict[int, dict]) -> list[dict]:
+    """From {rank: last_collectives()}: for every process group where the ranks issued different
+    numbers of collectives, the collective the furthest ranks wait in and the ranks that did not
+    issue it. A rank that has no entry for a group is not counted (it may not be a member)."""
+    out = []
+    pgs = sorted({pg for d in dumps.values() for pg in d["issued"]}, key=lambda p: (len(p), p))
+    for pg in pgs:
+        seqs = {r: d["issued"][pg] for r, d in dumps.items() if pg in d["issued"]}
+        top = max(seqs.values())
+        behind = sorted(r for r, q in seqs.items() if q < top)
+        if not behind or len(seqs) < 2:
+            continue
+        op = next((e["op"] for d in dumps.values() for e in d["last"] if e["pg"] == pg and e["seq"] == top), "?")
+        out.append({"pg": pg, "seq": top, "op": op, "behind": behind,
+                    "waiting": sorted(r for r, q in seqs.items() if q == top),
+                    "last_seq": {str(r): q for r, q in seqs.items()}})
+    return out
+
+
 class Watchdog:
     """Background thread: persists the heartbeat and reports a hang once per stalled phase."""
 
@@ -76,6 +125,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._written = None
         self._reported_seq = -1
+        self._dumped = False
         self.reports: list[dict] = []
         self._thread = threading.Thread(target=self._loop, name=f"feixing-watchdog-{rank}", daemon=True)
         self._thread.start()
@@ -113,8 +163,21 @@ class Watchdog:
                 if hb.open and hb.seq != self._reported_seq and hb.age() > self.timeout_s:
                     self._reported_seq = hb.seq
                     self.report()
+                if not self._dumped and glob.glob(os.path.join(self.tele_dir, "hang-rank-*.json")):
+                    self.dump_collectives()  # a hang somewhere: what this rank issued last
             except Exception as e:  # noqa: BLE001 - a watchdog must never kill training
                 log.debug("watchdog: %s", e)
+
+    def dump_collectives(self) -> dict | None:
+        self._dumped = True
+        coll = last_collectives()
+        if coll is not None:
+            coll.update(rank=self.rank, time=time.time())
+            path = os.path.join(self.tele_dir, f"collectives-rank-{self.rank:05d}.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(coll, f)
+            os.replace(path + ".tmp", path)
+        return coll
 
     def report(self) -> dict:
         self.write()
@@ -129,6 +192,11 @@ class Watchdog:
         with open(path, "w") as f:
             json.dump(rep, f, indent=1)
         self.reports.append(rep)
+        mine = self.dump_collectives()
+        if mine and mine["last"]:
+            e = mine["last"][-1]
+            log.error("HANG: rank %d's last collective: %s #%d of process group %s (`feixing doctor` "
+                      "compares every rank's)", self.rank, e["op"], e["seq"], e["pg"])
         names = behind + missing
         if names:
             detail = "; ".join(f"rank {r}: last phase {beats[r]['phase']!r} of step {beats[r]['step']}"

@@ -68,6 +68,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_flight_recorder(entries: int = 2000) -> None:
+    """Keep torch's record of the last `entries` collectives per process (its flight recorder; a
+    ring buffer, as torchtitan keeps by default), unless the user chose a size: the hang watchdog
+    reads it to name the rank that did not reach a collective. Must run before the process group
+    is created."""
+    if "TORCH_FR_BUFFER_SIZE" not in os.environ and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ:
+        os.environ["TORCH_FR_BUFFER_SIZE"] = str(entries)
+
+
 def init(cfg: DistributedConfig, seed: int = 0) -> Env:
     """Join the job started by torchrun/srun (RANK, WORLD_SIZE, ...), or run as a world of one.
 
@@ -93,6 +102,7 @@ def init(cfg: DistributedConfig, seed: int = 0) -> Env:
         getattr(torch, device_type).set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else _BACKENDS[device_type]
     if not dist.is_initialized():
+        enable_flight_recorder()
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
                                 device_id=device if device_type != "cpu" else None)
     seed_everything(seed)
