@@ -239,6 +239,11 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
         k1 = kernel_cpu()
         kernel.append(100 * (k1[0] - k0[0]) / max(k1[1] - k0[1], 1))
         rss.append(rss_gb())
+        done = len(blocked)
+        if saves >= 20 and done % 10 == 0:  # long runs: progress with an ETA
+            per = (t2 - t_loop) / done
+            print(f"{method.name}: save {done}/{saves}, blocked {b:.3f} s, memory {rss[-1]:.2f} GB, "
+                  f"ETA {per * (saves - done) / 60:.0f} min", file=sys.stderr, flush=True)
         measuring += time.perf_counter() - t2  # reading /proc is the benchmark's, not the save's
     loop_s = time.perf_counter() - t_loop - measuring
     records = method.close()
