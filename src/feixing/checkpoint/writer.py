@@ -289,6 +289,8 @@ class WriterProcess:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
+    except BrokenPipeError:  # the trainer is gone; the job it handed over was still finished
+        os._exit(0)  # not sys.exit: flushing stdout at exit would raise again
     except Exception:  # noqa: BLE001 - the parent sees the exit code and this traceback on stderr
         traceback.print_exc()
         sys.exit(1)
