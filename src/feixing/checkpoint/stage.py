@@ -215,8 +215,7 @@ class Stager:
             return False
         if self.buffer is not None:
             log.warning("checkpoint state changed shape; reallocating the staging buffer")
-            self._targets, self._snap_targets, self.snap = {}, {}, None
-            self.buffer.close()
+            self._free()
         self.buffer = HostBuffer(layout.nbytes, self.device_type)
         self.layout = layout
         # Views made once per layout: the staging thread then runs one torch call per tensor,
@@ -351,7 +350,10 @@ class Stager:
             self._alloc.join()
             self._alloc = None
         if self.buffer is not None:
-            self._targets, self._snap_targets, self.snap = {}, {}, None
-            self.buffer.close()
-            self.buffer = None
-            self.layout = None
+            self._free()
+
+    def _free(self) -> None:
+        """Drop the buffer, the snapshot and every view of them."""
+        self._targets, self._snap_targets, self.snap = {}, {}, None
+        self.buffer.close()
+        self.buffer = self.layout = None

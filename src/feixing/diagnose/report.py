@@ -121,7 +121,7 @@ def hang_findings(hangs: list[dict], colls: dict[int, dict] | None = None) -> li
     if lag:  # collective granularity (the flight recorder): names a rank even inside one phase
         g = lag[0]
         behind = sorted({r for x in lag for r in x["behind"]})
-        last = "; ".join(f"rank {r} issued {x['last_seq'][str(r)]} collectives on process group {x['pg']}, "
+        last = "; ".join(f"rank {r} issued {x['last_seq'][r]} collectives on process group {x['pg']}, "
                          f"the others {x['seq']}" for x in lag for r in x["behind"])
         summ = (f"hang: rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} did not arrive "
                 f"at {g['op']} #{g['seq']} of process group {g['pg']}; ranks {g['waiting']} waited in it "

@@ -238,14 +238,14 @@ class Telemetry:
         """Hand this rank's window medians to online detection (see OnlineGather)."""
         t0 = perf_counter()
         window = list(self._history)[-self.cfg.detect_interval:]
-        vec = [_median([_signal(r, s) for r in window]) for s in ONLINE_SIGNALS]
+        per_step = [[_signal(r, s) for s in ONLINE_SIGNALS] for r in window]  # once, for medians and rows
+        vec = [_median(list(col)) for col in zip(*per_step)]
         if self.online.store is None:  # no queue in this store: one tiny all_gather, watched like a phase
             self._hb.enter("telemetry_gather", step)
             self.online.all_gather(step, vec, self._comm_device)
             self._hb.exit()
-        else:
-            rows = [(r["step"], r["step_s"], _signal(r, "data"), _signal(r, "compute"), r["gc_s"],
-                     r.get("sched_s", 0.0)) for r in window]  # detect.ONLINE_ROWS
+        else:  # detect.ONLINE_ROWS: the step number, ONLINE_SIGNALS[:4] (step, data, compute, gc), sched
+            rows = [(r["step"], *v[:4], r.get("sched_s", 0.0)) for r, v in zip(window, per_step)]
             self.online.push(step, vec, rows, self._cpu_clock is not None)
         self._buf.append(f'{{"type":"online","step":{step},"cost_s":{perf_counter() - t0:.6f}}}\n')
 

@@ -109,7 +109,7 @@ def collective_laggards(dumps: dict[int, dict]) -> list[dict]:
         op = next((e["op"] for d in dumps.values() for e in d["last"] if e["pg"] == pg and e["seq"] == top), "?")
         out.append({"pg": pg, "seq": top, "op": op, "behind": behind,
                     "waiting": sorted(r for r, q in seqs.items() if q == top),
-                    "last_seq": {str(r): q for r, q in seqs.items()}})
+                    "last_seq": seqs})
     return out
 
 
