@@ -133,6 +133,33 @@ def test_ab_blocks_switch_telemetry_and_cpu_clock_is_read_for_compute_only(tmp_p
     assert set(steps[0]["ph"]) == {"data", "forward", "backward", "comm", "optimizer"}
 
 
+def test_adjacent_compute_phases_share_one_cpu_clock_reading(tmp_path):
+    """Gradient accumulation's forward, backward, forward, backward reads the CPU-time clock 5
+    times, not 8: each compute phase's exit reading starts the next one. A GC pause or a
+    non-compute phase in between, or the end of the step, starts a fresh reading."""
+    reads = []
+
+    def clock():  # each read is one tick later than the last
+        reads.append(len(reads))
+        return float(len(reads) - 1)
+
+    tele = Telemetry(TelemetryConfig(**{**CFG, "canary_interval": 0}), run_dir=str(tmp_path))
+    tele._cpu_clock = clock
+    for name in ("forward", "backward", "forward", "backward", "comm", "optimizer"):
+        with tele.phase(name):
+            pass
+    assert len(reads) == 5 + 2 and tele._cpu == {"forward": 2.0, "backward": 2.0, "optimizer": 1.0}
+    tele.end_step(1)
+    with tele.phase("forward"):
+        pass
+    tele._on_gc("start", {})  # a collection between two compute phases: not part of either
+    tele._on_gc("stop", {})
+    with tele.phase("backward"):
+        pass
+    assert len(reads) == 7 + 4 and tele._cpu == {"forward": 1.0, "backward": 1.0}
+    tele.close()
+
+
 def test_variants_each_run_once_per_group_and_number_their_own_steps(tmp_path):
     from benchmarks.doctor_ab import VARIANTS, make_variants
 

@@ -56,9 +56,14 @@ class _Phase:
 
     def __enter__(self):
         tele = self.tele
-        self.gc0 = tele._gc_total
+        self.gc0 = gc0 = tele._gc_total
         if self.cpu_clock is not None:
-            self.c0 = self.cpu_clock()
+            # Adjacent compute phases (forward, backward, forward, ...) share one reading: the
+            # previous one's exit starts this one, unless a GC pause came in between.
+            mark = tele._cpu_mark
+            self.c0 = mark if mark is not None and tele._cpu_mark_gc == gc0 else self.cpu_clock()
+        else:
+            tele._cpu_mark = None
         self.t0 = perf_counter()
         if tele._faults is not None:  # inside the timed region: the fault is the phase being slow
             tele._faults.before_phase(self.name, tele._cur_step, tele._history)
@@ -73,8 +78,10 @@ class _Phase:
         tele = self.tele
         gc_s = tele._gc_total - self.gc0
         if self.cpu_clock is not None:
+            c1 = tele._cpu_mark = self.cpu_clock()
+            tele._cpu_mark_gc = tele._gc_total
             cpu = tele._cpu
-            cpu[self.name] = cpu.get(self.name, 0.0) + max(self.cpu_clock() - self.c0 - gc_s, 0.0)
+            cpu[self.name] = cpu.get(self.name, 0.0) + max(c1 - self.c0 - gc_s, 0.0)
         dt = perf_counter() - self.t0 - gc_s
         acc = tele._acc
         acc[self.name] = acc.get(self.name, 0.0) + dt
@@ -129,6 +136,7 @@ class Telemetry:
         self._cpu_clock = None if device_type != "cpu" else \
             thread_time if torch.get_num_threads() == 1 else process_time
         self._cpu: dict[str, float] = {}
+        self._cpu_mark, self._cpu_mark_gc = None, 0.0  # last compute phase's exit reading (see _Phase)
         self._sched_fd = _open_schedstat()
         self._sched0 = _read_sched(self._sched_fd)
         self._events: deque = deque()
@@ -184,6 +192,7 @@ class Telemetry:
         if not self.enabled:
             return
         t_in = perf_counter()
+        self._cpu_mark = None  # telemetry's own work below must not count as compute
         step_s = t_in - self._t_step0
         acc = self._acc
         sched = _read_sched(self._sched_fd)
