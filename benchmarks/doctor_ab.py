@@ -78,7 +78,10 @@ def summarize(res: dict, block: int, seed: int, warmup: int) -> dict:
             "diff_us": float(d.mean()) * 1e6, "ci95_us": [lo * 1e6, hi * 1e6],
             "frac": float(d.mean()) / off_mean, "ci95_frac": [lo / off_mean, hi / off_mean],
             "group_diff_median_us": float(np.median(d)) * 1e6,
-            "tele_self_per_on_step_us": res["tele_total_s"] / max(sum(res["ab_on"]), 1) * 1e6}
+            "tele_self_per_on_step_us": res["tele_total_s"] / max(sum(res["ab_on"]), 1) * 1e6,
+            # telemetry's threads run through on and off steps alike, so the difference above
+            # leaves them out: their CPU time per step of the whole run, rank 0 (the detector's)
+            "background_cpu_per_step_us": res.get("tele_background_cpu_s", 0.0) / len(res["ab_walls"]) * 1e6}
 
 
 def ab_run(pool, run_dir: str, steps: int, block: int, seed: int, warmup: int = AB_WARMUP) -> dict:
@@ -175,10 +178,11 @@ def main() -> None:
             pool.close()
     timers = phase_cost()
     print(f"\n{'run':>4s} {'step off (ms)':>14s} {'on - off (us)':>14s} {'share':>8s} {'95% CI':>18s} "
-          f"{'timed end_step (us)':>20s}")
+          f"{'timed end_step (us)':>20s} {'threads CPU (us/step)':>22s}")
     for i, r in enumerate(runs):
         print(f"{i:4d} {r['step_off_ms']:14.2f} {r['diff_us']:+14.0f} {r['frac']:+8.2%} "
-              f"{r['ci95_frac'][0]:+8.2%}..{r['ci95_frac'][1]:+.2%} {r['tele_self_per_on_step_us']:20.0f}")
+              f"{r['ci95_frac'][0]:+8.2%}..{r['ci95_frac'][1]:+.2%} {r['tele_self_per_on_step_us']:20.0f} "
+              f"{r['background_cpu_per_step_us']:22.1f}")
     print(f"phase timers in a tight loop: {timers['per_step_us']:.1f} us per step ({timers['phases']} phases)")
     args.out = args.out or os.path.join(ROOT, "benchmarks", "results", f"doctor_ab_world{args.world}.json")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -9,8 +9,11 @@ numbers the steps it sees, so its canaries, probes and online windows come at th
 rates of the steps it is on for. Rank 0 records each step's wall time (from one `end_step` to
 the next: the whole loop, metrics and telemetry's own work included); each group of four blocks
 gives one difference (mean step with telemetry - without), and the 95% interval is a bootstrap
-over the groups. The first `--warmup` steps are left out. Checkpoints are off (they are not
-telemetry). As in the harness, one SCHED_IDLE busy loop per core keeps idle cores from sleeping.
+over the groups. The same is done for each rank's training-thread CPU time per step, which
+waiting for other ranks does not blur; telemetry's own threads (watchdog, rank 0's online
+detector) run through on and off steps alike, so their CPU time is reported separately. The
+first `--warmup` steps are left out. Checkpoints are off (they are not telemetry). As in the
+harness, one SCHED_IDLE busy loop per core keeps idle cores from sleeping.
 
     PYTHONPATH=src .venv/bin/python benchmarks/trainer_tele_ab.py [--steps 1200] [--block 1] [--set K=V ...]
 
@@ -40,9 +43,9 @@ class ABTelemetry:
         self.on = Telemetry(cfg, **kw)
         self.off = Telemetry(TelemetryConfig(enabled=False))
         self.block, self.out, self.rank = block, out, kw.get("rank", 0)
-        self.n, self.seen, self.walls, self.states = 0, 0, [], []
+        self.n, self.seen, self.walls, self.cpus, self.states = 0, 0, [], [], []
         self.cur = self.on
-        self.t_prev = time.perf_counter()
+        self.t_prev, self.c_prev = time.perf_counter(), time.thread_time()
 
     def phase(self, name: str):
         return self.cur.phase(name)
@@ -52,19 +55,20 @@ class ABTelemetry:
         if is_on:
             self.seen += 1
             self.on.end_step(self.seen)
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         self.walls.append(now - self.t_prev)
+        self.cpus.append(cpu - self.c_prev)
         self.states.append(is_on)
-        self.t_prev = now
+        self.t_prev, self.c_prev = now, cpu
         self.n += 1
         self.cur = self.on if (self.n // self.block) % 4 in (0, 3) else self.off
 
     def close(self) -> None:
         self.on.close()
         self.off.close()
-        if self.rank == 0:
-            with open(self.out, "w") as fh:
-                json.dump({"ab_walls": self.walls, "ab_on": self.states, "tele_total_s": self.on._tele_total}, fh)
+        with open(f"{self.out}.{self.rank}", "w") as fh:
+            json.dump({"ab_walls": self.walls, "ab_cpus": self.cpus, "ab_on": self.states,
+                       "tele_total_s": self.on._tele_total, "tele_background_cpu_s": self.on.background_cpu_s}, fh)
 
 
 def worker(args) -> None:
@@ -113,12 +117,23 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + ROOT,
                    "OMP_NUM_THREADS": "1"}
             subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-            with open(walls) as fh:
-                r = summarize(json.load(fh), args.block, i, args.warmup)
+            ranks = []
+            for rank in range(args.nproc):
+                with open(f"{walls}.{rank}") as fh:
+                    ranks.append(json.load(fh))
+            r = summarize(ranks[0], args.block, i, args.warmup)  # wall: rank 0's steps (every rank waits for the slowest)
+            # CPU time of each rank's training thread: what telemetry adds to it, without the noise
+            # of waiting for the other ranks (the wall difference's interval is wide on this VM)
+            r["cpu"] = [summarize({**x, "ab_walls": x["ab_cpus"]}, args.block, i, args.warmup) for x in ranks]
             runs.append(r)
-            print(f"run {i}: step off {r['step_off_ms']:.1f} ms, on - off {r['diff_us']:+.0f} us "
+            print(f"run {i}: step off {r['step_off_ms']:.1f} ms; wall on - off {r['diff_us']:+.0f} us "
                   f"({r['frac']:+.3%}, 95% interval {r['ci95_frac'][0]:+.3%} .. {r['ci95_frac'][1]:+.3%}); "
                   f"telemetry's timed work {r['tele_self_per_on_step_us']:.0f} us per on step", flush=True)
+            for rank, c in enumerate(r["cpu"]):
+                print(f"  rank {rank}: training thread CPU {c['step_off_ms']:.1f} ms per step off, on - off "
+                      f"{c['diff_us']:+.0f} us (95% interval {c['ci95_us'][0]:+.0f} .. {c['ci95_us'][1]:+.0f}) = "
+                      f"{c['diff_us'] / 1e3 / r['step_off_ms']:+.3%} of the step; telemetry's threads "
+                      f"{c['background_cpu_per_step_us']:.0f} us per step", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"runs": runs, "steps": args.steps, "block": args.block, "nproc": args.nproc,

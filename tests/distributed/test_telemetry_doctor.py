@@ -47,6 +47,9 @@ def test_slow_rank_clean_run_and_hang(pool4, tmp_path, capsys):
     online = [m for _, m in res[0]["online_messages"]]
     assert any(m.startswith("rank 2 is a straggler in compute") for m in online), online
     assert not any("straggler" in m and not m.startswith("rank 2 ") for m in online), online
+    # rank 0's threads (watchdog and detector) used CPU time; the others have only a watchdog
+    cpu = [r["tele_background_cpu_s"] for r in res]
+    assert min(cpu) > 0 and cpu[0] > min(cpu[1:]), cpu
     assert doctor_main(slow, json=True) == 1
     findings = json.loads(capsys.readouterr().out)["findings"]
     stragglers = [f for f in findings if f["kind"] == "straggler"]

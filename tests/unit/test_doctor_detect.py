@@ -2,11 +2,12 @@
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 
-from feixing.diagnose.detect import OnlineDetector, change_point, cusum, peer_excess
+from feixing.diagnose.detect import OnlineDetector, change_point, cusum, nanmedian, peer_excess
 from feixing.diagnose.report import diagnose_run, load_run
 from feixing.diagnose.telemetry import ONLINE_SIGNALS, _line
 
@@ -82,6 +83,26 @@ def test_onset_is_not_pulled_back_by_a_milder_slowness_just_before(tmp_path):
     f = [x for x in diagnose_run(write_run(str(tmp_path), extra=extra)) if x.kind == "straggler"]
     assert [(x.layer, x.ranks) for x in f] == [("compute", [2])]
     assert 119 <= f[0].first_step <= 121, f[0].first_step
+
+
+def test_nanmedian_equals_numpys_and_peer_excess_uses_the_other_ranks():
+    """The detectors' sort-based nanmedian must give numpy's values exactly (NaN, inf, ties,
+    all-NaN lanes, every axis), or re-scored runs would change."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        shape = tuple(int(n) for n in rng.integers(1, 6, size=rng.integers(1, 4)))
+        a = rng.standard_normal(shape)
+        a[rng.random(shape) < rng.random() * 0.7] = np.nan
+        a[rng.random(shape) < 0.05] = np.inf
+        a = np.round(a, 1)  # ties
+        for ax in range(-len(shape), len(shape)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns about all-NaN lanes
+                want = np.nanmedian(a, axis=ax)
+            np.testing.assert_array_equal(nanmedian(a, axis=ax), want)
+    # ranks x steps; at step 2 ranks 1 and 3 reported nothing
+    m = np.array([[1.0, 5.0], [2.0, np.nan], [4.0, 7.0], [10.0, np.nan]])
+    np.testing.assert_array_equal(peer_excess(m), [[-3, -2], [-2, np.nan], [2, 2], [8, np.nan]])
 
 
 def test_change_point():

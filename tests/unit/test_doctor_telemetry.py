@@ -85,8 +85,11 @@ def test_watchdog_names_the_rank_that_did_not_arrive(tmp_path):
     deadline = time.time() + 5
     while not wd.reports and time.time() < deadline:
         time.sleep(0.05)
+    t_watch = time.thread_time()
     wd.close()
     assert wd.reports and wd.reports[0]["behind"] == [1]
+    # the thread's own CPU time (wrote heartbeats, read both, wrote the report), not this thread's
+    assert 0 < wd.cpu_s < t_watch
     rep = json.loads((tmp_path / "hang-rank-00000.json").read_text())
     f = hang_findings([rep])[0]
     assert (f.kind, f.ranks, f.first_step) == ("hang", [1], 7) and "rank 1 did not arrive at 'comm'" in f.summary

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import logging
 import threading
+import time
 from array import array
 
 import numpy as np
@@ -68,6 +69,7 @@ class OnlineGather:
         self.store = store if store is not None else _queue_store()
         self.detector = OnlineDetector(world_size) if rank == 0 else None
         self.messages: list[tuple[int, str]] = []  # (window step, warning), rank 0
+        self.cpu_s = 0.0  # the detector thread's CPU time, set when it stops
         self._pending: dict[int, dict[int, tuple]] = {}  # step -> rank -> (medians, rows, compute_cpu)
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = None
@@ -98,15 +100,18 @@ class OnlineGather:
             self._judge(step, torch.stack(out).cpu().numpy())
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(POLL_S)
-            self._wake.clear()
-            try:
-                self._drain()
-            except Exception as e:  # noqa: BLE001 - the store goes away when the job ends
-                if not self._stop.is_set():
-                    log.warning("online detection stopped: store unreachable (%s)", e)
-                return
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(POLL_S)
+                self._wake.clear()
+                try:
+                    self._drain()
+                except Exception as e:  # noqa: BLE001 - the store goes away when the job ends
+                    if not self._stop.is_set():
+                        log.warning("online detection stopped: store unreachable (%s)", e)
+                    return
+        finally:
+            self.cpu_s = time.thread_time()  # the detector's CPU time (telemetry's cost off the step)
 
     def _drain(self, judge: bool = True) -> None:
         """Pop everything queued; judge each window every rank has reported, oldest first."""

@@ -103,6 +103,7 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
     if enabled:
         out["tele_overhead"] = tele.overhead()
         out["tele_total_s"] = tele._tele_total
+        out["tele_background_cpu_s"] = tele.background_cpu_s
         if tele.online is not None and tele.online.detector is not None:
             out["online_messages"] = tele.online.messages
     return out

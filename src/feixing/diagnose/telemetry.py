@@ -149,6 +149,7 @@ class Telemetry:
         self._gc_step0, self._gc_n0 = 0.0, 0
         self._tele_s = 0.0
         self._tele_total, self._steps = 0.0, 0
+        self.background_cpu_s = 0.0  # set by close()
         self._hb = Heartbeat()
         # held open for the run (closed in close()): appends are buffered, one write per flush
         self._file = open(os.path.join(self.dir, f"rank-{rank:05d}.jsonl"), "a")  # noqa: SIM115
@@ -286,6 +287,9 @@ class Telemetry:
             self.watchdog.close()
         if self.online is not None:
             self.online.close()
+        # CPU time of telemetry's threads (watchdog, rank 0's online detector): off the step, but
+        # on a shared core it is taken from the training thread
+        self.background_cpu_s = sum(x.cpu_s for x in (self.watchdog, self.online) if x is not None)
         self.flush()
         self._file.close()
 
