@@ -16,6 +16,7 @@ first `--warmup` steps are left out. Checkpoints are off (they are not telemetry
 harness, one SCHED_IDLE busy loop per core keeps idle cores from sleeping.
 
     PYTHONPATH=src .venv/bin/python benchmarks/trainer_tele_ab.py [--steps 1200] [--block 1] [--set K=V ...]
+    PYTHONPATH=src .venv/bin/python benchmarks/trainer_tele_ab.py --from-walls /tmp/trainer_tele_ab_*.walls.json --out ...
 
 Prints a line per run and writes benchmarks/results/trainer_tele_ab.json.
 """
@@ -84,6 +85,39 @@ def worker(args) -> None:
     train(config.load(args.config, args.set), resume="none")
 
 
+def summarize_run(walls: str, nproc: int, block: int, seed: int, warmup: int) -> dict:
+    """Wall time from rank 0's steps (every rank waits for the slowest), and the CPU time of each
+    rank's training thread, which waiting for the other ranks does not blur."""
+    from benchmarks.doctor_ab import summarize
+
+    ranks = []
+    for rank in range(nproc):
+        with open(f"{walls}.{rank}") as fh:
+            ranks.append(json.load(fh))
+    r = summarize(ranks[0], block, seed, warmup)
+    r["walls"] = walls
+    r["cpu"] = [summarize({**x, "ab_walls": x["ab_cpus"]}, block, seed, warmup) for x in ranks]
+    # the ranks' mean: their noise is only partly shared, so its interval is narrower
+    mean_cpu = [sum(c) / len(c) for c in zip(*(x["ab_cpus"] for x in ranks))]
+    r["cpu_mean_of_ranks"] = summarize({**ranks[0], "ab_walls": mean_cpu}, block, seed, warmup)
+    return r
+
+
+def report(i: int, r: dict) -> None:
+    print(f"run {i}: step off {r['step_off_ms']:.1f} ms; wall on - off {r['diff_us']:+.0f} us "
+          f"({r['frac']:+.3%}, 95% interval {r['ci95_frac'][0]:+.3%} .. {r['ci95_frac'][1]:+.3%}); "
+          f"telemetry's timed work {r['tele_self_per_on_step_us']:.0f} us per on step", flush=True)
+    for rank, c in enumerate(r["cpu"]):
+        print(f"  rank {rank}: training thread CPU {c['step_off_ms']:.1f} ms per step off, on - off "
+              f"{c['diff_us']:+.0f} us (95% interval {c['ci95_us'][0]:+.0f} .. {c['ci95_us'][1]:+.0f}) = "
+              f"{c['diff_us'] / 1e3 / r['step_off_ms']:+.3%} of the step; telemetry's threads "
+              f"{c['background_cpu_per_step_us']:.0f} us per step", flush=True)
+    c = r["cpu_mean_of_ranks"]
+    print(f"  mean of the ranks: on - off {c['diff_us']:+.0f} us (95% interval {c['ci95_us'][0]:+.0f} .. "
+          f"{c['ci95_us'][1]:+.0f}) = {c['diff_us'] / 1e3 / r['step_off_ms']:+.3%} of the step "
+          f"(upper bound {c['ci95_us'][1] / 1e3 / r['step_off_ms']:+.3%})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.toml"))
@@ -93,6 +127,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=40, help="first steps left out")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--from-walls", nargs="+", default=[], metavar="PREFIX",
+                    help="summarize stored runs (their per-rank PREFIX.N files) instead of running")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "trainer_tele_ab.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--walls", default="", help=argparse.SUPPRESS)
@@ -101,12 +137,14 @@ def main() -> None:
         return worker(args)
     if args.steps % (4 * args.block):
         ap.error("--steps must be a multiple of 4 * --block")
-    from benchmarks.doctor_ab import summarize
     from benchmarks.doctor_eval import keep_awake
 
     runs, t0 = [], time.time()
-    with keep_awake(True):
-        for i in range(args.runs):
+    for i, walls in enumerate(args.from_walls):
+        runs.append(summarize_run(walls, args.nproc, args.block, i, args.warmup))
+        report(i, runs[-1])
+    with keep_awake(not args.from_walls):
+        for i in range(0 if args.from_walls else args.runs):
             run_dir = os.path.join("/tmp", f"trainer_tele_ab_{os.getpid()}_{i}")
             walls = os.path.join(run_dir + ".walls.json")
             sets = args.set + [f"train.steps={args.steps}", f"run.dir={run_dir}", "checkpoint.interval=0"]
@@ -117,23 +155,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + ROOT,
                    "OMP_NUM_THREADS": "1"}
             subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-            ranks = []
-            for rank in range(args.nproc):
-                with open(f"{walls}.{rank}") as fh:
-                    ranks.append(json.load(fh))
-            r = summarize(ranks[0], args.block, i, args.warmup)  # wall: rank 0's steps (every rank waits for the slowest)
-            # CPU time of each rank's training thread: what telemetry adds to it, without the noise
-            # of waiting for the other ranks (the wall difference's interval is wide on this VM)
-            r["cpu"] = [summarize({**x, "ab_walls": x["ab_cpus"]}, args.block, i, args.warmup) for x in ranks]
-            runs.append(r)
-            print(f"run {i}: step off {r['step_off_ms']:.1f} ms; wall on - off {r['diff_us']:+.0f} us "
-                  f"({r['frac']:+.3%}, 95% interval {r['ci95_frac'][0]:+.3%} .. {r['ci95_frac'][1]:+.3%}); "
-                  f"telemetry's timed work {r['tele_self_per_on_step_us']:.0f} us per on step", flush=True)
-            for rank, c in enumerate(r["cpu"]):
-                print(f"  rank {rank}: training thread CPU {c['step_off_ms']:.1f} ms per step off, on - off "
-                      f"{c['diff_us']:+.0f} us (95% interval {c['ci95_us'][0]:+.0f} .. {c['ci95_us'][1]:+.0f}) = "
-                      f"{c['diff_us'] / 1e3 / r['step_off_ms']:+.3%} of the step; telemetry's threads "
-                      f"{c['background_cpu_per_step_us']:.0f} us per step", flush=True)
+            runs.append(summarize_run(walls, args.nproc, args.block, i, args.warmup))
+            report(i, runs[-1])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"runs": runs, "steps": args.steps, "block": args.block, "nproc": args.nproc,
