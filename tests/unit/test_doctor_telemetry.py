@@ -163,6 +163,22 @@ def test_adjacent_compute_phases_share_one_cpu_clock_reading(tmp_path):
     tele.close()
 
 
+def test_trainer_ab_stand_in_switches_every_block_and_records_cpu(tmp_path):
+    from benchmarks.trainer_tele_ab import ABTelemetry
+
+    ab = ABTelemetry(TelemetryConfig(**CFG), 1, str(tmp_path / "walls"), run_dir=str(tmp_path), rank=0, world_size=1)
+    for step in range(1, 9):
+        with ab.phase("forward"):
+            sum(range(20000))  # some CPU time for the thread clock
+        ab.end_step(step)
+    ab.close()
+    out = json.loads((tmp_path / "walls.0").read_text())
+    assert out["ab_on"] == [True, False, False, True] * 2 and len(out["ab_walls"]) == 8
+    assert all(c > 0 for c in out["ab_cpus"])
+    steps = [json.loads(x) for x in (tmp_path / "telemetry" / "rank-00000.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["type"] == "step"] == [1, 2, 3, 4]  # only its on steps, numbered
+
+
 def test_variants_each_run_once_per_group_and_number_their_own_steps(tmp_path):
     from benchmarks.doctor_ab import VARIANTS, make_variants
 

@@ -79,7 +79,8 @@ class Finding:
 
 def nanmedian(a: np.ndarray, axis: int = -1) -> np.ndarray:
     """np.nanmedian along one axis (all-NaN -> NaN), by one sort. The same values; numpy takes a
-    masked-array path for small arrays that made rank 0's online detector cost ~18 ms a window."""
+    masked-array path for small arrays that made rank 0's online detector 2.5x slower
+    (benchmarks/doctor_detector_cost.py)."""
     s = np.sort(np.moveaxis(np.asarray(a, dtype=float), axis, -1), axis=-1)  # NaN sorts last
     if s.shape[-1] == 0:
         return np.full(s.shape[:-1], np.nan)

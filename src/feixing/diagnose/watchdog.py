@@ -5,12 +5,11 @@ number, the step and phase, and a short ring of recent phases); it never touches
 daemon thread polls every `hang_timeout_s / 5` (at most 5 s), writes that state to
 `telemetry/heartbeat/rank-XXXXX.json` once the rank has stayed in one phase (or between two)
 for a poll or more, and checks whether the current phase has been open longer than
-`hang_timeout_s`. Phases are entered
-in the same order on every rank (SPMD), so when one rank stalls, the ranks waiting for it in a
-collective hold a higher sequence number than the rank that never arrived. The first rank whose
-timeout fires writes `telemetry/hang-rank-XXXXX.json` with every rank's heartbeat and the ranks
-that are behind, and logs it. The watchdog does not kill anything: the collective's own timeout
-still ends the job.
+`hang_timeout_s`. Phases are entered in the same order on every rank (SPMD), so when one rank
+stalls, the ranks waiting for it in a collective hold a higher sequence number than the rank
+that never arrived. The first rank whose timeout fires writes `telemetry/hang-rank-XXXXX.json`
+with every rank's heartbeat and the ranks that are behind, and logs it. The watchdog does not
+kill anything: the collective's own timeout still ends the job.
 
 Phases are coarse: with FSDP every rank is inside `forward` while one of them has not reached
 an all-gather. So when a hang is reported, every rank's watchdog (the stalled rank's too: its
@@ -169,8 +168,9 @@ class Watchdog:
             try:
                 hb = self.hb
                 # Persist only when this rank has stayed in one phase (or between two) for a poll
-                # or more: phases that flow need no file (a write costs ~0.2-0.7 ms of CPU), and a
-                # stall is on disk within 2 polls, before any timeout (at least 5 polls) fires.
+                # or more: phases that flow need no file (writes at every poll were most of this
+                # thread's CPU time), and a stall is on disk within 2 polls, before any timeout
+                # (at least 5 polls) fires.
                 if hb.age() >= self.poll_s:
                     self.write()
                 if hb.open and hb.seq != self._reported_seq and hb.age() > self.timeout_s:
