@@ -73,7 +73,7 @@ def summarize(res: dict, block: int, seed: int, warmup: int) -> dict:
     w, o = np.asarray(walls), np.asarray(on)
     off_mean = float(w[~o].mean())
     lo, hi = boot_ci(d, np.random.default_rng(seed))
-    return {"steps": len(walls), "groups": len(d), "step_off_ms": off_mean * 1e3,
+    return {"steps": len(walls), "groups": len(d), "step_off_ms": off_mean * 1e3, "step_sd_ms": float(w.std()) * 1e3,
             "step_on_ms": float(w[o].mean()) * 1e3,
             "diff_us": float(d.mean()) * 1e6, "ci95_us": [lo * 1e6, hi * 1e6],
             "frac": float(d.mean()) / off_mean, "ci95_frac": [lo / off_mean, hi / off_mean],
