@@ -33,6 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "src")]
 
+from feixing.diagnose.sim import ab_on  # noqa: E402
+
 
 class ABTelemetry:
     """What the trainer sees as `Telemetry`: on or off by block, the same on every rank."""
@@ -62,7 +64,7 @@ class ABTelemetry:
         self.states.append(is_on)
         self.t_prev, self.c_prev = now, cpu
         self.n += 1
-        self.cur = self.on if (self.n // self.block) % 4 in (0, 3) else self.off
+        self.cur = self.on if ab_on(self.n, self.block) else self.off
 
     def close(self) -> None:
         self.on.close()
@@ -118,6 +120,20 @@ def report(i: int, r: dict) -> None:
           f"(upper bound {c['ci95_us'][1] / 1e3 / r['step_off_ms']:+.3%})", flush=True)
 
 
+def one_run(args, i: int) -> dict:
+    """One training run under torchrun with ABTelemetry; its summary."""
+    run_dir = os.path.join("/tmp", f"trainer_tele_ab_{os.getpid()}_{i}")
+    walls = run_dir + ".walls.json"
+    sets = args.set + [f"train.steps={args.steps}", f"run.dir={run_dir}", "checkpoint.interval=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           os.path.abspath(__file__), "--worker", "--config", args.config, "--block", str(args.block),
+           "--walls", walls] + [x for s in sets for x in ("--set", s)]
+    print("running:", " ".join(cmd), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + ROOT, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    return summarize_run(walls, args.nproc, args.block, i, args.warmup)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.toml"))
@@ -140,23 +156,15 @@ def main() -> None:
     from benchmarks.doctor_eval import keep_awake
 
     runs, t0 = [], time.time()
-    for i, walls in enumerate(args.from_walls):
-        runs.append(summarize_run(walls, args.nproc, args.block, i, args.warmup))
-        report(i, runs[-1])
-    with keep_awake(not args.from_walls):
-        for i in range(0 if args.from_walls else args.runs):
-            run_dir = os.path.join("/tmp", f"trainer_tele_ab_{os.getpid()}_{i}")
-            walls = os.path.join(run_dir + ".walls.json")
-            sets = args.set + [f"train.steps={args.steps}", f"run.dir={run_dir}", "checkpoint.interval=0"]
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                   os.path.abspath(__file__), "--worker", "--config", args.config, "--block", str(args.block),
-                   "--walls", walls] + [x for s in sets for x in ("--set", s)]
-            print("running:", " ".join(cmd), flush=True)
-            env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + ROOT,
-                   "OMP_NUM_THREADS": "1"}
-            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    if args.from_walls:
+        for i, walls in enumerate(args.from_walls):
             runs.append(summarize_run(walls, args.nproc, args.block, i, args.warmup))
             report(i, runs[-1])
+    else:
+        with keep_awake(True):
+            for i in range(args.runs):
+                runs.append(one_run(args, i))
+                report(i, runs[-1])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"runs": runs, "steps": args.steps, "block": args.block, "nproc": args.nproc,

@@ -23,7 +23,6 @@ with per-step data would have alarmed. `first_step` is the estimated onset.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -95,8 +94,7 @@ def rolling(x: np.ndarray, w: int) -> np.ndarray:
     out = np.full(x.shape, np.nan)
     if x.shape[-1] >= w:
         v = np.lib.stride_tricks.sliding_window_view(x, w, axis=-1)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows stay NaN
+        with np.errstate(all="ignore"):  # inf and -inf in one window: NaN, like numpy's, quietly
             out[..., w - 1:] = nanmedian(v, axis=-1)
     return out
 

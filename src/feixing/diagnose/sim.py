@@ -23,6 +23,12 @@ from feixing.diagnose.faults import wait
 from feixing.diagnose.telemetry import Telemetry
 
 
+def ab_on(i: int, block: int) -> bool:
+    """Whether step i (from 0) of an A/B run has telemetry on: on, off, off, on in blocks of `block`
+    steps, so that each group of four blocks cancels a drift in the machine's speed."""
+    return (i // block) % 4 in (0, 3)
+
+
 def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[dict] | None = None,
              telemetry: dict | None = None, seed: int = 0, hidden: int = 192, batch: int = 128,
              data_s: float = 0.003, ckpt_every: int = 50, enabled: bool = True, pin: bool = False,
@@ -62,7 +68,7 @@ def run_loop(rank: int, world_size: int, run_dir: str, steps: int, faults: list[
                 order = rng.sample(list(teles), len(teles))
             name = order.pop()
         else:
-            name = not ab_block or ((step - 1) // ab_block) % 4 in (0, 3)
+            name = not ab_block or ab_on(step - 1, ab_block)
         t = teles[name]
         with t.phase("data"):
             wait(data_s * (0.8 + 0.4 * rng.random()))  # sleep, then spin the last ms: wakes on time

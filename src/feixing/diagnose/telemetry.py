@@ -249,7 +249,7 @@ class Telemetry:
         t0 = perf_counter()
         window = list(self._history)[-self.cfg.detect_interval:]
         per_step = [[_signal(r, s) for s in ONLINE_SIGNALS] for r in window]  # once, for medians and rows
-        vec = [_median(list(col)) for col in zip(*per_step)]
+        vec = [_median(col) for col in zip(*per_step)]
         if self.online.store is None:  # no queue in this store: one tiny all_gather, watched like a phase
             self._hb.enter("telemetry_gather", step)
             self.online.all_gather(step, vec, self._comm_device)

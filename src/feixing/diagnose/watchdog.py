@@ -158,12 +158,6 @@ class Watchdog:
         return beats
 
     def _loop(self) -> None:
-        try:
-            self._watch()
-        finally:
-            self.cpu_s = time.thread_time()
-
-    def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
                 hb = self.hb
@@ -180,6 +174,7 @@ class Watchdog:
                     self.dump_collectives()  # a hang somewhere: what this rank issued last
             except Exception as e:  # noqa: BLE001 - a watchdog must never kill training
                 log.debug("watchdog: %s", e)
+        self.cpu_s = time.thread_time()  # every error is caught above: the loop ends only on close()
 
     def dump_collectives(self) -> dict | None:
         self._dumped = True
