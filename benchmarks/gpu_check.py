@@ -1,8 +1,29 @@
-"""One short GPU session: CUDA parity tests, the checkpoint device snapshot at 12 GB, attention
-fwd+bwd timing, single-GPU training throughput.
+"""One short GPU session, within a time budget: what the CPU machines cannot check or time.
 
-Run on a CUDA machine from the repository root:  python benchmarks/gpu_check.py [--out DIR]
-Prints tables and writes gpu_check.json (to --out, default benchmarks/results/).
+Sections, in order of priority; each runs only if its estimated time still fits the budget, and
+gpu_check.json is rewritten after each one (a session cut short keeps what it measured):
+
+1. `ceilings`: the card as found: bf16 matmul TFLOP/s, device-to-device copy and pinned
+   host<->device copy GB/s (the ceilings the numbers below are read against).
+2. `tests`: `pytest tests/gpu` (CUDA attention backend against the reference; CUDA staging, the
+   device snapshot, exact save/resume on the GPU).
+3. `attention`: fwd+bwd time of feixing's `cuda` backend against torch SDPA (the baseline),
+   Llama-3-8B heads, causal and with packed documents.
+4. `train_telemetry`: `feixing train` on configs/gpu_1b.toml (Llama-3.2-1B shape, bf16) with
+   telemetry on and off in alternate steps (benchmarks/trainer_tele_ab.py): single-GPU
+   throughput and MFU, and telemetry's cost in the real trainer on a GPU.
+5. `checkpoint`: 12 GB of state (1B fp32 parameters + AdamW) on the GPU, ~100 ms steps:
+   feixing with the device snapshot, without it, and DCP async_save (benchmarks/checkpoint.py).
+6. `train_checkpoint`: the 1B trainer itself saving its ~15 GB of state every 40 steps, with
+   and without the device snapshot: the loop time of the steps right after each save.
+7. `resume`: the 1B trainer's first 10 steps after a resume against steady state
+   (benchmarks/resume_rampup.py).
+
+Run on a CUDA machine from the repository root:
+
+    python benchmarks/gpu_check.py [--out DIR] [--budget-s 450] [--only a,b]
+
+Prints each section's table and writes gpu_check.json (plus the sections' own JSON) to --out.
 """
 
 from __future__ import annotations
@@ -19,9 +40,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+TRAIN_CONFIG, TRAIN_NPROC = "configs/gpu_1b.toml", 1  # the trainer sections' model and processes
+SAVE_STEPS, SAVE_EVERY = 120, 40  # train_checkpoint: the trainer's steps and checkpoint interval
+CKPT_METHODS = "feixing,feixing_no_snapshot,dcp_async"  # --checkpoint-methods
+SNAPSHOTS = "auto,off"  # --train-snapshots: train_checkpoint's checkpoint.device_snapshot values
+ENV = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}", PYTHONUNBUFFERED="1")
 
 
 def _time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Seconds per call: CUDA events around `iters` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -34,104 +61,215 @@ def _time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters / 1e3
 
 
-def attention_timing(seq_lens: list[int]) -> list[dict]:
-    """fwd+bwd seconds of feixing's cuda backend vs torch SDPA (the baseline), Llama-3-8B heads."""
+def _sh(cmd: list[str], timeout: float, log: Path) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; its output goes to `log` and its tail is printed."""
+    print("running:", " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        log.write_text(out)
+        raise RuntimeError(f"timed out after {timeout:.0f} s: {out[-1500:]}") from None
+    log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
+    print(proc.stdout[-2500:], flush=True)
+    if proc.returncode:
+        print(proc.stderr[-2500:], flush=True)
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-1500:]}")
+    return proc
+
+
+def ceilings(out: Path, left: float) -> dict:
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm = _time_cuda(lambda: a @ b)
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    y = torch.empty_like(x)
+    d2d = _time_cuda(lambda: y.copy_(x))
+    h = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    d2h = _time_cuda(lambda: h.copy_(x, non_blocking=True), 1, 3)
+    h2d = _time_cuda(lambda: y.copy_(h, non_blocking=True), 1, 3)
+    nb = x.numel() * x.element_size()
+    r = {"bf16_matmul_tflops": 2 * n**3 / mm / 1e12, "d2d_copy_gbs_read_plus_write": 2 * nb / d2d / 1e9,
+         "d2h_pinned_gbs": nb / d2h / 1e9, "h2d_pinned_gbs": nb / h2d / 1e9}
+    print("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()), flush=True)
+    return r
+
+
+def tests(out: Path, left: float) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=left)
+    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    print(proc.stdout[-3000:], flush=True)
+    return {"returncode": proc.returncode, "summary": proc.stdout.strip().splitlines()[-1:]}
+
+
+def _attention_row(S: int, B: int = 1, H: int = 32, Hkv: int = 8, D: int = 128) -> dict:
+    """fwd+bwd of feixing's cuda backend vs torch SDPA at one length, Llama-3-8B heads."""
     import torch.nn.functional as F
 
-    from feixing.ops.attention import attention
+    from feixing.ops.attention import attention as attn
 
+    q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    docs = (torch.arange(S, device="cuda") * 4 // S).expand(B, S).contiguous()  # 4 packed documents
+
+    def ours(doc=None):
+        attn(q, k, v, causal=True, document_ids=doc, backend="cuda").backward(dout)
+
+    def sdpa():
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=True)
+        o.transpose(1, 2).backward(dout)
+
+    t = {"feixing_causal_s": _time_cuda(ours), "sdpa_causal_s": _time_cuda(sdpa)}
+    if S <= 8192:  # the documents path builds a dense (S, S) bias
+        t["feixing_documents_s"] = _time_cuda(lambda: ours(docs))
+    flops = 4 * B * H * D * S * S / 2 * 3.5  # causal: fwd 2 matmuls + bwd 5, half the pairs
+    return {"seq_len": S, **t, "ratio_vs_sdpa": t["feixing_causal_s"] / t["sdpa_causal_s"],
+            "feixing_causal_tflops": flops / t["feixing_causal_s"] / 1e12,
+            "sdpa_causal_tflops": flops / t["sdpa_causal_s"] / 1e12}
+
+
+def attention(out: Path, left: float) -> dict:
     rows = []
-    B, H, Hkv, D = 1, 32, 8, 128
-    for S in seq_lens:
-        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        dout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-
-        def ours(q=q, k=k, v=v, dout=dout):
-            attention(q, k, v, causal=True, backend="cuda").backward(dout)
-
-        def sdpa(q=q, k=k, v=v, dout=dout):
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                 v.transpose(1, 2), is_causal=True, enable_gqa=True)
-            out.transpose(1, 2).backward(dout)
-
-        t_ours, t_sdpa = _time_cuda(ours), _time_cuda(sdpa)
-        flops = 4 * B * H * D * S * S / 2 * 3.5  # causal fwd (2 matmuls) + bwd (5 matmuls)
-        rows.append({"seq_len": S, "feixing_s": t_ours, "sdpa_s": t_sdpa,
-                     "ratio_vs_sdpa": t_ours / t_sdpa, "feixing_tflops": flops / t_ours / 1e12})
-        print(f"attention S={S:>6}: feixing {t_ours * 1e3:8.2f} ms  sdpa {t_sdpa * 1e3:8.2f} ms  "
-              f"ratio {t_ours / t_sdpa:5.2f}  {flops / t_ours / 1e12:6.1f} TFLOP/s", flush=True)
-    return rows
+    for S in (2048, 8192, 32768):
+        row = _attention_row(S)
+        rows.append(row)
+        print(f"attention S={S:>6}: feixing {row['feixing_causal_s'] * 1e3:8.2f} ms ({row['feixing_causal_tflops']:5.0f} "
+              f"TFLOP/s)  sdpa {row['sdpa_causal_s'] * 1e3:8.2f} ms ({row['sdpa_causal_tflops']:5.0f})  ratio "
+              f"{row['ratio_vs_sdpa']:.2f}  documents {1e3 * row.get('feixing_documents_s', float('nan')):.2f} ms",
+              flush=True)
+    return {"rows": rows}
 
 
-def train_throughput(extra: list[str], name: str) -> dict:
-    """Run `feixing train` on configs/gpu_1b.toml; steady-state = records after step 10."""
-    run_dir = ROOT / "runs" / f"gpu_{name}"
-    cmd = [sys.executable, "-m", "feixing", "train", "--config", "configs/gpu_1b.toml",
-           "--set", f"run.dir={run_dir}", *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    print(proc.stdout[-3000:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
-    if proc.returncode:
-        return {"name": name, "error": proc.stderr[-2000:]}
+def _prepare_data() -> str:
+    path = ROOT / "data" / "gpu_demo"
+    if not (path / "meta.json").is_file():
+        subprocess.run([sys.executable, "-m", "feixing", "prepare", "--demo", "--quiet", "--out", str(path),
+                        "--max-bytes", "8000000"], cwd=ROOT, env=ENV, check=True)
+    return str(path)
+
+
+def train_telemetry(out: Path, left: float) -> dict:
+    """160 steps of the 1B trainer, telemetry on/off/off/on per step: throughput, MFU, and cost."""
+    _prepare_data()
+    path = out / "trainer_tele_ab_gpu.json"
+    _sh([sys.executable, "benchmarks/trainer_tele_ab.py", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
+         "--steps", "160", "--warmup", "20", "--no-keep-awake", "--set", "metrics.log_interval=1",
+         "--out", str(path)], left, out / "train_telemetry.log")
+    res = json.loads(path.read_text())
+    run = res["runs"][0]
+    recs = [json.loads(x) for x in Path(run["walls"][: -len(".walls.json")], "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in recs if r["step"] > 20]
+    tokens = recs[-1]["tokens_per_s"] * recs[-1]["step_time_s"]  # per step, all ranks
+    r = {"step_off_ms": run["step_off_ms"], "tokens_per_s_off": tokens / run["step_off_ms"] * 1e3,
+         "mfu_mean": sum(x["mfu"] for x in steady) / len(steady), "memory_gb": max(x["memory_gb"] for x in recs),
+         "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]], "telemetry_frac": run["frac"],
+         "telemetry_ci95_frac": run["ci95_frac"], "cpu_frac": run["cpu"][0]["diff_us"] / 1e3 / run["step_off_ms"],
+         "background_cpu_per_step_us": run["cpu"][0]["background_cpu_per_step_us"]}
+    tele = Path(run["walls"][: -len(".walls.json")], "telemetry")
+    if tele.is_dir():  # device-time records: the CUDA-event path of telemetry ran
+        text = "".join(p.read_text() for p in tele.glob("*.jsonl"))
+        r["device_records"] = text.count('"type": "device"') + text.count('"type":"device"')
+    print(f"train {TRAIN_CONFIG}: {r['tokens_per_s_off']:,.0f} tok/s, MFU {100 * r['mfu_mean']:.1f}%, mem {r['memory_gb']:.1f} GB; "
+          f"telemetry on - off {r['telemetry_frac']:+.3%} ({r['telemetry_ci95_frac'][0]:+.3%} .. "
+          f"{r['telemetry_ci95_frac'][1]:+.3%})", flush=True)
+    return r
+
+
+def checkpoint(out: Path, left: float) -> dict:
+    path = out / "checkpoint_gpu.json"
+    _sh([sys.executable, "benchmarks/checkpoint.py", "--params", "1e9", "--saves", "3", "--interval", "120",
+         "--warmup", "80", "--step-ms", "100", "--methods", CKPT_METHODS,
+         "--out", str(path)], left, out / "checkpoint.log")
+    return {"summary": json.loads(path.read_text())["summary"]}
+
+
+def _save_steps(run_dir: Path, every: int) -> dict:
+    """Per-step loop time from metrics.jsonl's wall-clock stamps (they include the time
+    `maybe_save` blocks, which `step_time_s` leaves out); steps 1-3 after each save against the
+    median of the steps no save touches."""
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in recs if r["step"] > 10]
-    return {"name": name, "extra": extra, "wall_s": time.time() - t0,
-            "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
-            "mfu": sum(r["mfu"] for r in steady) / len(steady),
-            "memory_gb": max(r["memory_gb"] for r in recs), "first_loss": recs[0]["loss"],
-            "last_loss": recs[-1]["loss"]}
+    dt = {b["step"]: b["time"] - a["time"] for a, b in zip(recs, recs[1:])}
+    saves = [s for s in dt if s % every == 0]
+    near = {s + i for s in saves for i in range(1, 4)}
+    base = sorted(v for s, v in dt.items() if s > 10 and s not in near)
+    base = base[len(base) // 2]
+    after = {s: [dt[s + i] / base - 1 for i in (1, 2, 3) if s + i in dt] for s in saves}
+    return {"base_step_s": base, "after_save_slowdown": after,
+            "worst_after_save": max((max(v) for v in after.values() if v), default=None)}
 
 
-def checkpoint_snapshot(out: Path) -> dict:
-    """12 GB of state (1B fp32 parameters + AdamW) on the GPU, ~100 ms steps: the loop with the
-    device snapshot against the direct device-to-host copy, in one run (benchmarks/checkpoint.py)."""
-    path = out / "checkpoint_gpu_snapshot.json"
-    cmd = [sys.executable, "benchmarks/checkpoint.py", "--params", "1e9", "--saves", "3", "--interval", "150",
-           "--warmup", "50", "--step-ms", "100", "--methods", "feixing,feixing_no_snapshot,feixing",
-           "--out", str(path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-                          capture_output=True, text=True, timeout=420)
-    print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
-    if proc.returncode:
-        return {"error": proc.stderr[-2000:]}
-    return {"summary": json.loads(path.read_text())["summary"], "command": " ".join(cmd[1:])}
+def train_checkpoint(out: Path, left: float) -> dict:
+    """The 1B trainer saving its ~15 GB of state every SAVE_EVERY steps, with and without the device snapshot."""
+    _prepare_data()
+    res, t_end = {}, time.time() + left
+    for snap in SNAPSHOTS.split(","):
+        run_dir = Path("/tmp", f"gpu_ckpt_{snap}")
+        left = t_end - time.time()
+        if left < 60:
+            res[snap] = {"skipped": f"{left:.0f} s left"}
+            continue
+        _sh([sys.executable, "-m", "feixing", "train", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
+             "--set", f"run.dir={run_dir}", "--set", f"train.steps={SAVE_STEPS}", "--set", f"checkpoint.interval={SAVE_EVERY}",
+             "--set", f"checkpoint.device_snapshot={snap}", "--set", "metrics.log_interval=1"],
+            left, out / f"train_checkpoint_{snap}.log")
+        r = res[snap] = _save_steps(run_dir, SAVE_EVERY)
+        print(f"trainer, device snapshot {snap}: step {r['base_step_s'] * 1e3:.0f} ms; steps 1-3 after each save "
+              + "; ".join(f"{s}: " + " ".join(f"{x:+.1%}" for x in v) for s, v in r["after_save_slowdown"].items()),
+              flush=True)
+    return res
+
+
+def resume(out: Path, left: float) -> dict:
+    data = _prepare_data()
+    path = out / "resume_rampup_gpu.json"
+    _sh([sys.executable, "benchmarks/resume_rampup.py", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
+         "--data", data, "--warmup-pass", "on", "--resumed-interval", "0", "--out", str(path)],
+        left, out / "resume.log")
+    return {"summary": json.loads(path.read_text())["summary"]}
+
+
+# name -> (function, estimated seconds)
+SECTIONS = {"ceilings": (ceilings, 15), "tests": (tests, 60), "attention": (attention, 30),
+            "train_telemetry": (train_telemetry, 75), "checkpoint": (checkpoint, 190),
+            "train_checkpoint": (train_checkpoint, 90), "resume": (resume, 130)}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--skip-compile", action="store_true")
-    ap.add_argument("--skip-checkpoint", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=450, help="skip sections whose estimate no longer fits")
+    ap.add_argument("--only", default="", help="comma-separated section names (default: all)")
+    ap.add_argument("--checkpoint-methods", default=CKPT_METHODS, help="the checkpoint section's methods")
+    ap.add_argument("--train-snapshots", default=SNAPSHOTS, help="train_checkpoint's device_snapshot values")
     a = ap.parse_args()
+    globals().update(CKPT_METHODS=a.checkpoint_methods, SNAPSHOTS=a.train_snapshots)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    print(result, flush=True)
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/gpu", "-x"], cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-                           capture_output=True, text=True)
-    result["gpu_tests"] = tests.stdout.strip().splitlines()[-1:]
-    print(tests.stdout[-3000:], flush=True)
-    if not a.skip_checkpoint:
-        result["checkpoint"] = checkpoint_snapshot(out)
-    result["attention"] = attention_timing([2048, 8192, 32768])
-    subprocess.run([sys.executable, "-m", "feixing", "prepare", "--demo", "--quiet", "--out",
-                    "data/gpu_demo", "--max-bytes", "20000000"], cwd=ROOT,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), check=True)
-    runs = [train_throughput([], "eager")]
-    if "error" in runs[0]:  # keep the session's one GPU run useful: retry without telemetry
-        runs.append(train_throughput(["--set", "telemetry.enabled=false"], "eager_no_telemetry"))
-    if not a.skip_compile:
-        runs.append(train_throughput(["--set", "parallel.compile=true"], "compile"))
-    result["training"] = runs
-    for r in runs:
-        if "error" not in r:
-            print(f"train {r['name']:>8}: {r['tokens_per_s']:,.0f} tok/s  MFU {100 * r['mfu']:.1f}%  "
-                  f"mem {r['memory_gb']:.1f} GB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    t_end = time.time() + a.budget_s
+    names = a.only.split(",") if a.only else list(SECTIONS)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cpus": os.cpu_count(),
+              "argv": sys.argv[1:], "sections": {}}
+    print({k: v for k, v in result.items() if k != "sections"}, flush=True)
+    for name in names:
+        fn, estimate = SECTIONS[name]
+        left = t_end - time.time()
+        if left < estimate:
+            result["sections"][name] = {"skipped": f"{left:.0f} s left, estimate {estimate} s"}
+            print(f"== {name}: skipped ({left:.0f} s left)", flush=True)
+            continue
+        print(f"== {name} ({left:.0f} s left)", flush=True)
+        t0 = time.time()
+        try:
+            r = fn(out, left)
+        except Exception as e:  # noqa: BLE001 - report it and go on to the next section
+            r = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
+            print(f"== {name} failed: {r['error']}", flush=True)
+        r["section_s"] = time.time() - t0
+        result["sections"][name] = r
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

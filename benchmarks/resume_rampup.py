@@ -1,6 +1,7 @@
 """Do the first steps after a resume run at steady-state speed? (with and without the warm-up pass)
 
-For each setting: train the demo for 30 steps with a checkpoint at step 20, resume to step 50,
+For each setting: train the demo (or `--config`/`--nproc`/`--data`: e.g. the 1B model on one GPU)
+for 30 steps with a checkpoint at step 20, resume to step 50,
 then compare the mean step time of the first 10 steps after the resume (21-30) with steady
 state (steps 41-50 of the same resumed process). `--runs N` repeats each setting and reports the
 median and the range of the ratios. Prints a table, writes benchmarks/results/resume_rampup.json.
@@ -30,11 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(run: Path, steps: int, warmup: bool, resume: str, data: str, compile_: bool = False) -> dict:
+def _train(a, run: Path, steps: int, warmup: bool, resume: str, interval: int = 20, compile_: bool = False) -> dict:
     """Run the CLI; returns its wall time and rank 0's warm-up pass time (None without one)."""
-    cmd = [sys.executable, "-m", "feixing", "train", "--config", "configs/demo.toml", "--nproc", "4",
-           "--set", f"run.dir={run}", "--set", f"data.path={data}", "--set", f"train.steps={steps}",
-           "--set", "metrics.log_interval=1", "--set", "checkpoint.interval=20",
+    cmd = [sys.executable, "-m", "feixing", "train", "--config", a.config, "--nproc", str(a.nproc),
+           "--set", f"run.dir={run}", "--set", f"data.path={a.data}", "--set", f"train.steps={steps}",
+           "--set", "metrics.log_interval=1", "--set", f"checkpoint.interval={interval}",
            "--set", f"train.warmup_pass={str(warmup).lower()}", "--set", f"parallel.compile={str(compile_).lower()}",
            "--resume", resume]
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
@@ -48,13 +49,17 @@ def _train(run: Path, steps: int, warmup: bool, resume: str, data: str, compile_
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=1, help="repetitions of each setting")
+    ap.add_argument("--config", default="configs/demo.toml")
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--data", default=str(ROOT / "data" / "demo"))
+    ap.add_argument("--resumed-interval", type=int, default=20,
+                    help="checkpoint interval of the resumed process (0: no save overlaps steps 41-50)")
     ap.add_argument("--warmup-pass", choices=("both", "on", "off"), default="both")
     ap.add_argument("--compile", action="store_true", help="torch.compile on; resume with the compile "
                     "cache kept with the run and with it cleared")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "resume_rampup.json"))
     a = ap.parse_args()
-    data = str(ROOT / "data" / "demo")
-    if not (Path(data) / "meta.json").is_file():
+    if not (Path(a.data) / "meta.json").is_file():
         raise SystemExit("run `make prepare-demo` first")
     caches = ("kept", "cleared") if a.compile else ("",)
     settings = [(w, c) for w in {"both": (False, True), "on": (True,), "off": (False,)}[a.warmup_pass]
@@ -62,11 +67,11 @@ def main() -> int:
     rows = []
     for warmup, cache in [s for s in settings for _ in range(a.runs)]:
         run = Path(tempfile.mkdtemp(prefix="rampup-"))
-        first_run = _train(run, 30, warmup, "none", data, a.compile)
+        first_run = _train(a, run, 30, warmup, "none", compile_=a.compile)
         shutil.rmtree(run / "checkpoints" / "step-00000030", ignore_errors=True)  # resume at 20
         if cache == "cleared":
             shutil.rmtree(run / "compile_cache")
-        resumed_run = _train(run, 50, warmup, "auto", data, a.compile)
+        resumed_run = _train(a, run, 50, warmup, "auto", a.resumed_interval, a.compile)
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         resumed = [r for r in recs[30:]]  # records written by the resumed process
         first = [r["step_time_s"] for r in resumed if 21 <= r["step"] <= 30]

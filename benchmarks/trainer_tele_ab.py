@@ -134,6 +134,13 @@ def one_run(args, i: int) -> dict:
     return summarize_run(walls, args.nproc, args.block, i, args.warmup)
 
 
+def machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.toml"))
@@ -145,6 +152,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--from-walls", nargs="+", default=[], metavar="PREFIX",
                     help="summarize stored runs (their per-rank PREFIX.N files) instead of running")
+    ap.add_argument("--no-keep-awake", action="store_true", help="let idle cores sleep (doctor_eval.keep_awake)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "trainer_tele_ab.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--walls", default="", help=argparse.SUPPRESS)
@@ -161,7 +169,7 @@ def main() -> None:
             runs.append(summarize_run(walls, args.nproc, args.block, i, args.warmup))
             report(i, runs[-1])
     else:
-        with keep_awake(True):
+        with keep_awake(not args.no_keep_awake):
             for i in range(args.runs):
                 runs.append(one_run(args, i))
                 report(i, runs[-1])
@@ -169,7 +177,7 @@ def main() -> None:
     with open(args.out, "w") as fh:
         json.dump({"runs": runs, "steps": args.steps, "block": args.block, "nproc": args.nproc,
                    "config": os.path.relpath(args.config, ROOT), "set": args.set, "wall_s": time.time() - t0,
-                   "machine": "2-core CPU VM, no GPU"}, fh, indent=1)
+                   "machine": machine()}, fh, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -147,8 +147,8 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
                 _handle_nonfinite(cfg, state, step, result)
             optimizer.zero_grad(set_to_none=True)
             state.step = step
-            if env.device_type != "cpu":
-                getattr(torch, env.device_type).synchronize()
+            if env.device_type != "cpu":  # the loop's stream only: not a checkpoint's copy to the host
+                getattr(torch, env.device_type).current_stream().synchronize()
             step_time = time.perf_counter() - t0
             metrics.record(step, result.loss, lr, result.grad_norm, result.tokens, step_time,
                            result.skipped, memory_gb(env.device))
@@ -158,7 +158,7 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
             last = {"loss": result.loss, "steps": last["steps"] + 1}
         if last["steps"] and cfg.checkpoint.interval and state.step % cfg.checkpoint.interval:
             ckpt.save(state.step, app_state)  # a finished run resumes (or extends) from its end
-        _save_final_weights(model, args, run_dir, env, state.step)
+        _save_final_weights(model, args, run_dir, env, state.step, cfg.checkpoint.on_error)
     finally:
         ckpt.close()
         tele.close()
@@ -243,20 +243,42 @@ def _load_hf_weights(model, folder: str, args) -> None:
     log.info("loaded weights from %s", folder)
 
 
-def _save_final_weights(model, args, run_dir: Path, env, step: int) -> None:
-    """Rank 0 writes the full weights as a HF folder under run_dir/final (used by generate)."""
+def _save_final_weights(model, args, run_dir: Path, env, step: int, on_error: str) -> None:
+    """Rank 0 writes the full weights as a HF folder under run_dir/final (used by generate).
+    A failed write (disk full, permissions) keeps the previous `final` and, as for checkpoints,
+    ends the run normally unless checkpoint.on_error = 'stop'; the other ranks never hang."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
+    error = None
     if env.is_main:
+        from safetensors import SafetensorError  # raised for the OS's I/O errors too
+
         from feixing.models.llama.hf import export_hf
 
         final, tmp = run_dir / "final", run_dir / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_hf(full, args, str(tmp))
-        (tmp / "step.txt").write_text(str(step))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        log.info("final weights (step %d) written to %s", step, final)
+        try:
+            _remove(tmp)
+            export_hf(full, args, str(tmp))
+            (tmp / "step.txt").write_text(str(step))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            log.info("final weights (step %d) written to %s", step, final)
+        except (OSError, SafetensorError) as e:
+            _remove(tmp)
+            error = (f"final weights (step {step}) not written to {final}: {type(e).__name__}: {e}. "
+                     f"The checkpoints are not affected: `feixing export --checkpoint DIR --to hf OUT` "
+                     f"writes the weights from one of them.")
+            log.error("%s%s", error, " Stopping (checkpoint.on_error = 'stop')." if on_error == "stop" else "")
     dist.barrier()
+    if error is not None and on_error == "stop":
+        raise OSError(error)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree if present."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
