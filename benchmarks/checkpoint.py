@@ -148,8 +148,9 @@ class Feixing:
 
     def close(self) -> list[dict]:
         self.ck.close()
-        return [{"persist_s": r.get("persist_s", 0) + r.get("commit_s", 0), "stage_s": r.get("stage_s"),
-                 "snapshot": r.get("snapshot")} for r in self.ck.stats]
+        keep = ("stage_s", "snapshot", "previous_s", "capture_s", "buffer_s", "start_s", "wait_s")  # see Manager.stats
+        return [{"persist_s": r.get("persist_s", 0) + r.get("commit_s", 0), **{k: r.get(k) for k in keep}}
+                for r in self.ck.stats]
 
 
 class Dcp:
@@ -254,7 +255,7 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
             "worst_step_slowdown": [max(d / own - 1 for d in dts) for dts in over_dts],
             "steps_overlapped": [len(dts) for dts in over_dts], "step_s": over_dts,
             "persist_s": persist, "rss_gb": rss, "kernel_cpu_pct": kernel,
-            "overhead": loop_s / (saves * interval * own) - 1}
+            "overhead": loop_s / (saves * interval * own) - 1, "saves": records}
 
 
 def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) -> dict:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -207,15 +209,19 @@ def train_checkpoint(out: Path, left: float) -> dict:
     res, t_end = {}, time.time() + left
     for snap in SNAPSHOTS.split(","):
         run_dir = Path("/tmp", f"gpu_ckpt_{snap}")
+        shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends across runs
         left = t_end - time.time()
         if left < 60:
             res[snap] = {"skipped": f"{left:.0f} s left"}
             continue
-        _sh([sys.executable, "-m", "feixing", "train", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
+        proc = _sh([sys.executable, "-m", "feixing", "train", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
              "--set", f"run.dir={run_dir}", "--set", f"train.steps={SAVE_STEPS}", "--set", f"checkpoint.interval={SAVE_EVERY}",
              "--set", f"checkpoint.device_snapshot={snap}", "--set", "metrics.log_interval=1"],
             left, out / f"train_checkpoint_{snap}.log")
         r = res[snap] = _save_steps(run_dir, SAVE_EVERY)
+        # the commit log lines: what each save cost the loop, part by part (Manager.loop_cost)
+        r["loop_cost"] = re.findall(r"checkpoint step \d+ committed: .*?; (the loop waited .*)\)",
+                                    proc.stdout + proc.stderr)
         print(f"trainer, device snapshot {snap}: step {r['base_step_s'] * 1e3:.0f} ms; steps 1-3 after each save "
               + "; ".join(f"{s}: " + " ".join(f"{x:+.1%}" for x in v) for s, v in r["after_save_slowdown"].items()),
               flush=True)

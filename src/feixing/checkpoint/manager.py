@@ -44,6 +44,16 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "feixing": fx, "python": platform.python_version()}
 
 
+def loop_cost(rec: dict) -> str:
+    """What one save cost the training loop, for the commit log line (times of `rec`, a stats record)."""
+    parts = [(k, label) for k, label in (("previous_s", "waiting for the previous save"),
+                                         ("capture_s", "gathering the state"),
+                                         ("buffer_s", "for the staging buffer"), ("start_s", "starting the copy"),
+                                         ("wait_s", "before the optimizer")) if k in rec]
+    total = rec.get("blocked_s", 0.0) + rec.get("wait_s", 0.0)
+    return f"the loop waited {1e3 * total:.0f} ms: " + ", ".join(f"{1e3 * rec[k]:.0f} ms {label}" for k, label in parts)
+
+
 class Manager:
     """Saves and restores `app_state` (name -> object with state_dict/load_state_dict)."""
 
@@ -195,13 +205,15 @@ class Manager:
             # get_state_dict would create AdamW state with a fake step, changing later updates.
             log.warning("checkpoint at step %d skipped: the optimizer has not stepped yet", step)
             return False
+        t_capture = time.perf_counter()
         try:
             index, sources = self._capture(app_state, step)
         except Exception as e:
             raise C.CheckpointError(f"checkpoint at step {step}: {e}") from e
         if self.stager is None:
             self.stager = Stager(self._source_device(sources), self.cfg.device_snapshot)
-        record = {"step": step, "bytes": sum(t.numel() * t.element_size() for t in sources.values())}
+        record = {"step": step, "bytes": sum(t.numel() * t.element_size() for t in sources.values()),
+                  "previous_s": t_capture - t0, "capture_s": time.perf_counter() - t_capture}
         self.stats.append(record)
         self._inflight = {"step": step, "t0": time.perf_counter()}
         items = [(k, t.dtype, tuple(t.shape)) for k, t in sources.items()]
@@ -219,12 +231,14 @@ class Manager:
             if realloc and self.writer is not None:
                 self.writer.close()
                 self.writer = None
+            record["buffer_s"] = time.perf_counter() - t_stage
             self.stager.start(sources, then=staged, background=background)
         except Exception as e:  # noqa: BLE001 - e.g. out of host memory: reported per on_error
             self._inflight = None
             self._failed(f"staging at step {step} failed: {type(e).__name__}: {e}")
             return False
         record["blocked_s"] = time.perf_counter() - t0
+        record["start_s"] = record["blocked_s"] - record["previous_s"] - record["capture_s"] - record["buffer_s"]
         if not background:
             self._poll(block=True)
             record["blocked_s"] = time.perf_counter() - t0
@@ -294,8 +308,9 @@ class Manager:
             if ans.get("ok"):
                 if ans.get("committed"):
                     self.last_committed = ans["committed"]
-                    log.info("checkpoint step %d committed: %s (%.2f GB, persist %.2f s)",
-                             ans["step"], ans["committed"], ans["bytes"] / 1e9, ans["persist_s"])
+                    log.info("checkpoint step %d committed: %s (%.2f GB, persist %.2f s; %s)",
+                             ans["step"], ans["committed"], ans["bytes"] / 1e9, ans["persist_s"],
+                             loop_cost(rec))
             else:
                 self._failed(f"checkpoint at step {inflight['step']} failed on rank {self.rank}: "
                              f"{ans['error']}")
