@@ -8,7 +8,8 @@ gpu_check.json is rewritten after each one (a session cut short keeps what it me
 2. `tests`: `pytest tests/gpu` (CUDA attention backend against the reference; CUDA staging, the
    device snapshot, exact save/resume on the GPU).
 3. `attention`: fwd+bwd time of feixing's `cuda` backend against torch SDPA (the baseline),
-   Llama-3-8B heads, causal and with packed documents.
+   Llama-3-8B heads, causal and with packed documents; and an experiment for a faster backend,
+   aten's varlen flash kernel (its parity against the reference, and its time).
 4. `train_telemetry`: `feixing train` on configs/gpu_1b.toml (Llama-3.2-1B shape, bf16) with
    telemetry on and off in alternate steps (benchmarks/trainer_tele_ab.py): single-GPU
    throughput and MFU, and telemetry's cost in the real trainer on a GPU.
@@ -18,10 +19,16 @@ gpu_check.json is rewritten after each one (a session cut short keeps what it me
    and without the device snapshot: the loop time of the steps right after each save.
 7. `resume`: the 1B trainer's first 10 steps after a resume against steady state
    (benchmarks/resume_rampup.py).
+8. `train_compile`: the 1B trainer with torch.compile (not run yet: the first session's lease
+   ended before it).
 
 Run on a CUDA machine from the repository root:
 
     python benchmarks/gpu_check.py [--out DIR] [--budget-s 450] [--only a,b]
+
+The estimates (from one H200) add up to ~14 minutes: two calls of a 10-minute limit, e.g.
+`--budget-s 420 --only ceilings,tests,attention,train_telemetry,checkpoint` and
+`--budget-s 420 --only train_checkpoint,resume,train_compile`.
 
 Prints each section's table and writes gpu_check.json (plus the sections' own JSON) to --out.
 """
@@ -133,6 +140,48 @@ def _attention_row(S: int, B: int = 1, H: int = 32, Hkv: int = 8, D: int = 128) 
             "sdpa_causal_tflops": flops / t["sdpa_causal_s"] / 1e12}
 
 
+def _flash_varlen(q, k, v, dout, cu: torch.Tensor, max_len: int):
+    """Experiment, not a feixing backend yet: aten's flash kernel in its varlen form, which takes
+    packed documents as cumulative lengths (no dense mask), handles GQA natively and returns the
+    lse ring attention needs. q (T, H, D), k/v (T, Hkv, D); returns out, lse, dq, dk, dv."""
+    scale = q.shape[-1] ** -0.5
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dout, q, k, v, out, lse, cu, cu, max_len, max_len, 0.0, True, rng, unused, scale=scale)
+    return out, lse, dq, dk, dv
+
+
+def _flash_probe(S: int, B: int = 1, H: int = 32, Hkv: int = 8, D: int = 128, docs: int = 4) -> dict:
+    """Parity of the varlen flash experiment against the reference at 512 tokens (bf16 inputs, the
+    reference in fp32 on the same values), then its fwd+bwd time at S, causal and with documents."""
+    from feixing.ops import reference
+
+    def bounds(n_docs, s):
+        return torch.tensor([s * i // n_docs for i in range(n_docs + 1)], device="cuda", dtype=torch.int32)
+
+    r = {}
+    s = 512
+    q, k, v, do = (torch.randn(s, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, Hkv, Hkv, H))
+    cu = bounds(docs, s)
+    out, lse, dq, dk, dv = _flash_varlen(q, k, v, do, cu, s // docs)
+    doc = (torch.arange(s, device="cuda") * docs // s)[None]
+    qf, kf, vf = (t.float()[None].requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.attention(qf, kf, vf, q_doc=doc, k_doc=doc)
+    ref.backward(do.float()[None])
+    err = lambda a, b: float((a.float() - b.detach()).norm() / b.detach().norm())
+    r["parity_rel_err"] = {"out": err(out, ref[0]), "dq": err(dq, qf.grad[0]), "dk": err(dk, kf.grad[0]),
+                           "dv": err(dv, vf.grad[0])}
+    r["lse_shape"] = list(lse.shape)
+    if lse.numel() == H * s:  # (H, T): compare with the reference's (1, H, T)
+        r["parity_rel_err"]["lse"] = err(lse.reshape(H, s), ref_lse[0])
+    q, k, v, do = (torch.randn(B * S, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, Hkv, Hkv, H))
+    one, many = bounds(B, B * S), bounds(B * docs, B * S)
+    r["flash_varlen_causal_s"] = _time_cuda(lambda: _flash_varlen(q, k, v, do, one, S))
+    r["flash_varlen_documents_s"] = _time_cuda(lambda: _flash_varlen(q, k, v, do, many, S // docs))
+    return r
+
+
 def attention(out: Path, left: float) -> dict:
     rows = []
     for S in (2048, 8192, 32768):
@@ -142,6 +191,13 @@ def attention(out: Path, left: float) -> dict:
               f"TFLOP/s)  sdpa {row['sdpa_causal_s'] * 1e3:8.2f} ms ({row['sdpa_causal_tflops']:5.0f})  ratio "
               f"{row['ratio_vs_sdpa']:.2f}  documents {1e3 * row.get('feixing_documents_s', float('nan')):.2f} ms",
               flush=True)
+        try:  # an experiment for the next backend: its failure must not cost the section
+            row["flash_varlen"] = f = _flash_probe(S)
+            print(f"  flash varlen (experiment): causal {1e3 * f['flash_varlen_causal_s']:.2f} ms, documents "
+                  f"{1e3 * f['flash_varlen_documents_s']:.2f} ms; parity {f['parity_rel_err']}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            row["flash_varlen"] = {"error": f"{type(e).__name__}: {str(e)[-500:]}"}
+            print(f"  flash varlen (experiment) failed: {row['flash_varlen']['error']}", flush=True)
     return {"rows": rows}
 
 
@@ -216,12 +272,14 @@ def train_checkpoint(out: Path, left: float) -> dict:
             continue
         proc = _sh([sys.executable, "-m", "feixing", "train", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
              "--set", f"run.dir={run_dir}", "--set", f"train.steps={SAVE_STEPS}", "--set", f"checkpoint.interval={SAVE_EVERY}",
-             "--set", f"checkpoint.device_snapshot={snap}", "--set", "metrics.log_interval=1"],
+             "--set", f"checkpoint.device_snapshot={snap}", "--set", "checkpoint.keep=1",
+             "--set", "metrics.log_interval=1"],
             left, out / f"train_checkpoint_{snap}.log")
         r = res[snap] = _save_steps(run_dir, SAVE_EVERY)
         # the commit log lines: what each save cost the loop, part by part (Manager.loop_cost)
         r["loop_cost"] = re.findall(r"checkpoint step \d+ committed: .*?; (the loop waited .*)\)",
                                     proc.stdout + proc.stderr)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 15 GB each: the disk has 64 GB
         print(f"trainer, device snapshot {snap}: step {r['base_step_s'] * 1e3:.0f} ms; steps 1-3 after each save "
               + "; ".join(f"{s}: " + " ".join(f"{x:+.1%}" for x in v) for s, v in r["after_save_slowdown"].items()),
               flush=True)
@@ -237,10 +295,28 @@ def resume(out: Path, left: float) -> dict:
     return {"summary": json.loads(path.read_text())["summary"]}
 
 
+def train_compile(out: Path, left: float) -> dict:
+    """The 1B trainer with torch.compile (each block compiled): steady throughput and compile time."""
+    _prepare_data()
+    run_dir = Path("/tmp", "gpu_compile")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.time()
+    _sh([sys.executable, "-m", "feixing", "train", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
+         "--set", f"run.dir={run_dir}", "--set", "train.steps=60", "--set", "parallel.compile=true",
+         "--set", "metrics.log_interval=1"], left, out / "train_compile.log")
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = [x for x in recs if x["step"] > 20]
+    r = {"wall_s": time.time() - t0, "tokens_per_s": sum(x["tokens_per_s"] for x in steady) / len(steady),
+         "mfu_mean": sum(x["mfu"] for x in steady) / len(steady), "memory_gb": max(x["memory_gb"] for x in recs)}
+    print(f"train {TRAIN_CONFIG}, compiled: {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu_mean']:.1f}%, "
+          f"{r['wall_s']:.0f} s in all", flush=True)
+    return r
+
+
 # name -> (function, estimated seconds)
-SECTIONS = {"ceilings": (ceilings, 15), "tests": (tests, 60), "attention": (attention, 30),
-            "train_telemetry": (train_telemetry, 75), "checkpoint": (checkpoint, 190),
-            "train_checkpoint": (train_checkpoint, 90), "resume": (resume, 130)}
+SECTIONS = {"ceilings": (ceilings, 15), "tests": (tests, 30), "attention": (attention, 40),
+            "train_telemetry": (train_telemetry, 100), "checkpoint": (checkpoint, 230),
+            "train_checkpoint": (train_checkpoint, 150), "resume": (resume, 115), "train_compile": (train_compile, 150)}
 
 
 def main() -> int:

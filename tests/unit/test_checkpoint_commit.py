@@ -342,11 +342,15 @@ def test_device_snapshot_saves_the_same_files(tmp_path):
     _same_state(app, fresh)
 
 
-def test_commit_log_says_what_the_save_cost_the_loop(tmp_path, caplog):
+@pytest.mark.parametrize("background", [True, False])
+def test_commit_log_says_what_the_save_cost_the_loop(tmp_path, caplog, background):
     with caplog.at_level(logging.INFO, logger="feixing.checkpoint.manager"):
-        _, ck = _run(tmp_path, steps=4)
+        _, ck = _run(tmp_path, steps=4, async_save=background)
     lines = [r.getMessage() for r in caplog.records if "committed" in r.getMessage()]
     assert len(lines) == 2 and "step-00000004" in lines[1], lines
+    if not background:
+        assert all(line.endswith("; checkpoint.async = false: the loop waited for the whole save)") for line in lines)
+        lines = []
     parts = ("waiting for the previous save", "gathering the state", "for the staging buffer", "starting the copy",
              "before the optimizer")
     pattern = r"persist [0-9.]+ s; the loop waited (\d+) ms: " + ", ".join(rf"(\d+) ms {p}" for p in parts) + r"\)$"
@@ -355,7 +359,7 @@ def test_commit_log_says_what_the_save_cost_the_loop(tmp_path, caplog):
         assert m, line
         total, *each = (int(g) for g in m.groups())
         assert abs(total - sum(each)) <= len(each)  # the parts add up (each rounded to 1 ms)
-    keys = ("previous_s", "capture_s", "buffer_s", "start_s")
-    for rec in ck.stats:  # blocked time = its four parts, exactly
+    keys = ("previous_s", "capture_s", "buffer_s", "start_s") + (() if background else ("sync_s",))
+    for rec in ck.stats:  # blocked time = its parts, exactly
         assert rec["blocked_s"] == pytest.approx(sum(rec[k] for k in keys))
         assert min(rec[k] for k in keys + ("wait_s",)) >= 0

@@ -46,6 +46,8 @@ def _versions() -> dict:
 
 def loop_cost(rec: dict) -> str:
     """What one save cost the training loop, for the commit log line (times of `rec`, a stats record)."""
+    if rec.get("sync"):
+        return "checkpoint.async = false: the loop waited for the whole save"
     parts = [(k, label) for k, label in (("previous_s", "waiting for the previous save"),
                                          ("capture_s", "gathering the state"),
                                          ("buffer_s", "for the staging buffer"), ("start_s", "starting the copy"),
@@ -240,8 +242,10 @@ class Manager:
         record["blocked_s"] = time.perf_counter() - t0
         record["start_s"] = record["blocked_s"] - record["previous_s"] - record["capture_s"] - record["buffer_s"]
         if not background:
+            record["sync"] = True  # the commit is logged inside this wait
             self._poll(block=True)
-            record["blocked_s"] = time.perf_counter() - t0
+            record["sync_s"] = time.perf_counter() - t0 - record["blocked_s"]
+            record["blocked_s"] += record["sync_s"]
         return True
 
     @staticmethod
