@@ -118,13 +118,18 @@ def rss_gb() -> float:
 
 class Feixing:
     def __init__(self, root: str, app: dict, parallel_hash: bool | None = None, write_behind_mb: int = 32,
-                 device_snapshot: str = "auto"):
+                 device_snapshot: str = "auto", when_busy: str = "wait"):
         # interval: never by itself; saves are forced below. maybe_save() after each step lets
         # the manager allocate its buffer ahead of the first save, as in the trainer.
-        self.ck = Manager(CheckpointConfig(interval=10**9, keep=1, verify_checksums=False,
-                                           write_behind_mb=write_behind_mb, device_snapshot=device_snapshot),
-                          root, 0, 1)
+        # when_busy = "skip": every step is due (interval 1) and save() skips while one is in flight.
+        self.skip = when_busy == "skip"
+        self.steady = self.skip  # every_step_ab: a run that never waits has no end to wait for
+        self.ck = Manager(CheckpointConfig(interval=1 if self.skip else 10**9, keep=1, verify_checksums=False,
+                                           write_behind_mb=write_behind_mb, device_snapshot=device_snapshot,
+                                           when_busy=when_busy), root, 0, 1)
         self.name = "feixing" if write_behind_mb else "feixing(no write-behind)"
+        if self.skip:
+            self.name += "(when_busy skip)"
         if device_snapshot != "auto":
             self.name += f"(device snapshot {device_snapshot})"
         if parallel_hash is not None:  # force the writer's hashing mode (default: by core count)
@@ -132,10 +137,14 @@ class Feixing:
             self.name += "(2 writer threads)" if parallel_hash else "(1 writer thread)"
 
     def after_step(self, step: int, app: dict) -> None:
-        self.ck.maybe_save(step, app)
+        if not self.skip:  # with interval 1 this would be a save
+            self.ck.maybe_save(step, app)
 
     def save(self, step: int, app: dict) -> None:
-        self.ck.save(step, app)
+        if self.skip:
+            self.ck.maybe_save(step, app)
+        else:
+            self.ck.save(step, app)
 
     def before_optimizer(self) -> None:
         self.ck.wait_staging()
@@ -261,13 +270,19 @@ def run_method(method, app: dict, work: Work, saves: int, interval: int, base: f
 def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) -> dict:
     """Saving after every step against not saving, in alternating blocks of `block_steps` steps
     (ABBA) in one loop, so the host's slow changes of speed fall on both alike. A saving block
-    ends by waiting for its last save, and that wait counts as its time."""
+    ends by waiting for its last save, and that wait counts as its time, except for a method that
+    never waits (`steady`: checkpoint.when_busy = 'skip'), whose saves run back to back in a real
+    run: there the save still in flight is waited for outside the timing, so that it slows
+    neither block."""
     step, p0 = 1, app["model"][0]
     t = {True: [], False: []}
     for _ in range(3):  # warm-up, and the manager allocates its buffer
         work.run()
         method.after_step(step, app)
         step += 1
+    method.save(step, app)  # the first save allocates (the skip method has no earlier chance)
+    method.flush()
+    step += 1
     for b in range(blocks):
         saving = abba(b)
         t0 = time.perf_counter()
@@ -280,16 +295,20 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
             if saving:
                 method.save(step, app)
             step += 1
-        if saving:
+        if saving and not getattr(method, "steady", False):
             method.flush()
         t[saving].append(time.perf_counter() - t0)
-    method.close()
+        if saving:
+            method.flush()  # no-op unless steady
+    saves = len(method.close())  # saves taken (with when_busy = 'skip', fewer than the saving steps)
     pairs = [t[True][i] / t[False][i] - 1 for i in range(min(len(t[True]), len(t[False])))]
-    out = {"method": method.name, "blocks": blocks, "block_steps": block_steps,
+    out = {"method": method.name, "blocks": blocks, "block_steps": block_steps, "saves_taken": saves,
+           "saving_steps": block_steps * len(t[True]) + 1,
            "overhead_pct": 100 * (sum(t[True]) / sum(t[False]) - 1),
            "pair_overhead_pct": sorted(100 * x for x in pairs), "block_s": {"saving": t[True], "not": t[False]}}
     q = out["pair_overhead_pct"]
-    print(f"{method.name}: saving after every step costs {out['overhead_pct']:+.2f} % "
+    print(f"{method.name}: saving after every step ({saves} saves taken in {out['saving_steps']} saving steps) "
+          f"costs {out['overhead_pct']:+.2f} % "
           f"(block pairs: median {statistics.median(q):+.1f} %, range {q[0]:+.1f} .. {q[-1]:+.1f} %)", flush=True)
     return out
 
@@ -494,6 +513,7 @@ def main() -> None:
     ap.add_argument("--every-step-saves", type=int, default=0,
                     help="then save a small state after every step this many times")
     ap.add_argument("--every-step-params", type=float, default=2e6)
+    ap.add_argument("--every-step-block", type=int, default=10, help="steps per block of --every-step-ab")
     ap.add_argument("--every-step-ab", type=int, default=0,
                     help="also: this many alternating blocks of 10 steps with and without a save after every step")
     ap.add_argument("--autogroup-nice", type=int, default=None,
@@ -531,6 +551,7 @@ def main() -> None:
               "feixing_2threads": lambda d: Feixing(d, app, parallel_hash=True),
               "feixing_no_write_behind": lambda d: Feixing(d, app, write_behind_mb=0),
               "feixing_no_snapshot": lambda d: Feixing(d, app, device_snapshot="off"),
+              "feixing_skip": lambda d: Feixing(d, app, when_busy="skip"),
               "dcp_async": lambda d: Dcp(d, app, True),
               "dcp_async_process": lambda d: Dcp(d, app, True, process=True),
               "dcp_sync": lambda d: Dcp(d, app, False)}
@@ -569,7 +590,7 @@ def main() -> None:
         for m in a.methods.split(","):
             if m != "dcp_sync":
                 every_ab.append(every_step_ab(makers[m](os.path.join(a.dir, "ab-" + m)), small, work,
-                                              a.every_step_ab, 10))
+                                              a.every_step_ab, a.every_step_block))
                 shutil.rmtree(os.path.join(a.dir, "ab-" + m), ignore_errors=True)
     cols = ["method", "base_step_s", "blocked_first_s", "blocked_median_s", "blocked_pct_of_step",
             "lost_pct_of_interval", "lost_pct_of_overlapped", "worst_step_slowdown_pct", "worst_step_vs_idle_pct",

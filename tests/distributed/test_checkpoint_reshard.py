@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -145,3 +146,34 @@ def test_killed_writer_leaves_previous_checkpoint_loadable(pool2, tmp_path):
     assert len(err1) == 1 and "writer process died" in err1[0]
     assert names == ["step-00000002", "step-00000006"]  # no trace of the failed step-4 save
     assert (step6, step2) == (6, 2) and later0 == [] and later1 == []
+
+
+class _LateRank0(Manager):
+    """Rank 0 reaches each save 30 ms after the others: alone it would often find its writer done
+    while theirs are still busy, and decide differently."""
+
+    def maybe_save(self, step, app_state, force=False):
+        if self.rank == 0:
+            time.sleep(0.03)
+        return super().maybe_save(step, app_state, force)
+
+
+def _every_step_skip(rank, world_size, run_dir):
+    app = _build(world_size, seed=0)
+    ck = _LateRank0(CheckpointConfig(interval=1, keep=100, when_busy="skip", commit_timeout_s=20.0), run_dir,
+                    rank, world_size)  # a save that some ranks skipped fails fast instead of waiting 600 s
+    _steps(ck, app, rank, 1, 12)
+    ck.close()
+    return [r["step"] for r in ck.stats], ck.skipped, ck.errors
+
+
+def test_when_busy_skip_decides_alike_on_every_rank(pool4, tmp_path):
+    """A rank whose writer is still busy makes every rank skip that save (one all_reduce per due
+    step): a save taken by some ranks only would never commit."""
+    res = pool4.run(_every_step_skip, str(tmp_path))
+    saved, skipped, errors = res[0]
+    assert all(r == res[0] for r in res), res
+    assert errors == [] and skipped and len(saved) >= 2 and sorted(saved + skipped) == list(range(1, 13))
+    committed = sorted(s for s, _ in C.list_committed(str(tmp_path / "checkpoints")))
+    assert committed == saved
+    assert all(step == saved[-1] for step, _ in pool4.run(_load, str(tmp_path)))

@@ -363,3 +363,37 @@ def test_commit_log_says_what_the_save_cost_the_loop(tmp_path, caplog, backgroun
     for rec in ck.stats:  # blocked time = its parts, exactly
         assert rec["blocked_s"] == pytest.approx(sum(rec[k] for k in keys))
         assert min(rec[k] for k in keys + ("wait_s",)) >= 0
+
+
+def test_when_busy_skip_saves_as_often_as_the_writer_allows(tmp_path, caplog):
+    """interval = 1 with when_busy = 'skip': a save that falls due while the previous one is still
+    being written is skipped, never waited for; every due step is either saved or skipped, and
+    every committed checkpoint holds the state of its own step."""
+    ck = Manager(CheckpointConfig(interval=1, keep=1000, when_busy="skip"), str(tmp_path), 0, 1)
+    app, states = _app(), {}
+    with caplog.at_level(logging.INFO, logger="feixing.checkpoint.manager"):
+        for step in range(1, 41):
+            _train(ck, app, step, step)
+            states[step] = [p.detach().clone() for p in app["model"].parameters()]
+        ck.close()
+    saved = [r["step"] for r in ck.stats]
+    assert ck.errors == [] and ck.skipped, "tiny steps must outrun the writer (fsync per save)"
+    assert sorted(saved + ck.skipped) == list(range(1, 41)) and len(saved) >= 2
+    assert all(r["previous_s"] < 0.05 for r in ck.stats)  # never waited for the previous save
+    assert ck.attempted(40) == (40 in saved)  # the trainer saves its last step if it was skipped
+    assert sum(r["skipped_before"] for r in ck.stats) == len([s for s in ck.skipped if s < saved[-1]])
+    assert re.search(r"\d+ due saves skipped before it\)$", caplog.text, re.M)
+    committed = C.list_committed(_root(tmp_path))
+    assert sorted(s for s, _ in committed) == saved
+    for step, folder in committed[:1] + committed[len(committed) // 2: len(committed) // 2 + 1]:
+        fresh = _app(seed=step)
+        ck2 = Manager(CheckpointConfig(interval=1), str(tmp_path), 0, 1)
+        assert ck2.resume(fresh, folder) == step
+        ck2.close()
+        for p, q in zip(states[step], fresh["model"].parameters()):
+            assert torch.equal(p, q)
+
+
+def test_when_busy_must_be_wait_or_skip(tmp_path):
+    with pytest.raises(ValueError, match="when_busy must be 'wait' or 'skip'"):
+        Manager(CheckpointConfig(interval=1, when_busy="drop"), str(tmp_path), 0, 1)

@@ -53,7 +53,8 @@ def loop_cost(rec: dict) -> str:
                                          ("buffer_s", "for the staging buffer"), ("start_s", "starting the copy"),
                                          ("wait_s", "before the optimizer")) if k in rec]
     total = rec.get("blocked_s", 0.0) + rec.get("wait_s", 0.0)
-    return f"the loop waited {1e3 * total:.0f} ms: " + ", ".join(f"{1e3 * rec[k]:.0f} ms {label}" for k, label in parts)
+    text = f"the loop waited {1e3 * total:.0f} ms: " + ", ".join(f"{1e3 * rec[k]:.0f} ms {label}" for k, label in parts)
+    return text + (f"; {rec['skipped_before']} due saves skipped before it" if rec.get("skipped_before") else "")
 
 
 class Manager:
@@ -66,6 +67,8 @@ class Manager:
                              f"checkpoint.keep >= 1 (got {cfg.interval}, {cfg.keep_every}, {cfg.keep})")
         if cfg.on_error not in ("continue", "stop"):
             raise ValueError(f"checkpoint.on_error must be 'continue' or 'stop', got {cfg.on_error!r}")
+        if cfg.when_busy not in ("wait", "skip"):
+            raise ValueError(f"checkpoint.when_busy must be 'wait' or 'skip', got {cfg.when_busy!r}")
         self.cfg = cfg
         self.rank, self.world_size, self.group = rank, world_size, group
         self.root = os.path.join(run_dir, "checkpoints")
@@ -89,8 +92,10 @@ class Manager:
         self.last_committed: str | None = None
         self.errors: list[str] = []
         self.stats: list[dict] = []  # one record per save: blocked_s, wait_s, persist_s, ...
+        self.skipped: list[int] = []  # steps whose save was skipped (checkpoint.when_busy = 'skip')
+        self._skips_reported = 0
 
-    # ---- collectives (only in __init__ and resume, which every rank calls) -------------------
+    # ---- collectives (in __init__, resume and the due steps of when_busy = 'skip': every rank calls them)
 
     def _device(self) -> torch.device:
         backend = str(dist.get_backend(self.group))
@@ -197,11 +202,18 @@ class Manager:
             self._poll(block=False)
             return False
         t0 = time.perf_counter()
+        if not force and self.cfg.when_busy == "skip" and not self._all_ok(not self.busy()):
+            if not self.skipped:
+                log.info("checkpoint at step %d skipped: the previous save is still being written "
+                         "(checkpoint.when_busy = 'skip'); each commit line counts the skips before it", step)
+            self.skipped.append(step)
+            return False
         self._wait_staging(everything=True)
         waited = self._poll(block=True)  # one save in flight: the previous must be done
         if waited > 0.05:
             log.warning("checkpoint at step %d waited %.2f s for the previous save to persist; "
-                        "checkpoint.interval is shorter than a save takes", step, waited)
+                        "checkpoint.interval is shorter than a save takes (checkpoint.when_busy = "
+                        "'skip' skips such saves instead)", step, waited)
         _, okey, _ = self._split(app_state)
         if okey is not None and not app_state[okey].state:
             # get_state_dict would create AdamW state with a fake step, changing later updates.
@@ -215,7 +227,9 @@ class Manager:
         if self.stager is None:
             self.stager = Stager(self._source_device(sources), self.cfg.device_snapshot)
         record = {"step": step, "bytes": sum(t.numel() * t.element_size() for t in sources.values()),
-                  "previous_s": t_capture - t0, "capture_s": time.perf_counter() - t_capture}
+                  "previous_s": t_capture - t0, "capture_s": time.perf_counter() - t_capture,
+                  "skipped_before": len(self.skipped) - self._skips_reported}
+        self._skips_reported = len(self.skipped)
         self.stats.append(record)
         self._inflight = {"step": step, "t0": time.perf_counter()}
         items = [(k, t.dtype, tuple(t.shape)) for k, t in sources.items()]
@@ -327,6 +341,10 @@ class Manager:
         if self.cfg.on_error == "stop":
             raise C.CheckpointError(msg + " Stopping (checkpoint.on_error = 'stop').")
         log.warning("%s Training continues (checkpoint.on_error = 'continue').", msg)
+
+    def attempted(self, step: int) -> bool:
+        """Whether a save of `step` was started (not skipped, not off the interval)."""
+        return bool(self.stats) and self.stats[-1]["step"] == step
 
     def busy(self) -> bool:
         """Whether a save is still staging or persisting (never blocks)."""

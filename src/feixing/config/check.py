@@ -16,6 +16,7 @@ _CHOICES = {
     ("distributed", "backend"): ("auto", "nccl", "hccl", "gloo"),
     ("distributed", "device"): ("auto", "cuda", "npu", "cpu"),
     ("checkpoint", "on_error"): ("continue", "stop"),
+    ("checkpoint", "when_busy"): ("wait", "skip"),
     ("model", "attention_backend"): ("auto", "reference", "cpu_flash", "cuda", "npu"),
 }
 _FAULT_KINDS = ("slow_rank", "dispatch_ramp", "slow_link", "slow_data", "gc_storm",

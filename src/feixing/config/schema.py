@@ -131,6 +131,8 @@ class CheckpointConfig:
     """Verify sha256 of every file on load (sizes are always verified)."""
     on_error: str = "continue"
     """When a save fails (disk full, permissions): continue (warn, keep training) | stop."""
+    when_busy: str = "wait"
+    """A save that falls due while the previous one is still being written: wait (for it, then save) | skip (this one; with interval = 1 the run saves as often as the disk allows, never waiting). Every rank decides alike."""
     write_behind_mb: int = 32
     """Linux: while a save is written, hand every this many MiB to the disk and drop it from the page cache, so a large save never piles up dirty pages for the kernel to flush at normal priority; 0 = leave it to the kernel (one fsync at the end)."""
     device_snapshot: str = "auto"

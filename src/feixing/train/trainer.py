@@ -156,7 +156,7 @@ def run(cfg: Config, env, resume: str = "none") -> dict:
                 ckpt.maybe_save(step, app_state)
             tele.end_step(step)
             last = {"loss": result.loss, "steps": last["steps"] + 1}
-        if last["steps"] and cfg.checkpoint.interval and state.step % cfg.checkpoint.interval:
+        if last["steps"] and cfg.checkpoint.interval and not ckpt.attempted(state.step):
             ckpt.save(state.step, app_state)  # a finished run resumes (or extends) from its end
         _save_final_weights(model, args, run_dir, env, state.step, cfg.checkpoint.on_error)
     finally:
