@@ -16,6 +16,7 @@ first `--warmup` steps are left out. Checkpoints are off (they are not telemetry
 harness, one SCHED_IDLE busy loop per core keeps idle cores from sleeping.
 
     PYTHONPATH=src .venv/bin/python benchmarks/trainer_tele_ab.py [--steps 1200] [--block 1] [--set K=V ...]
+    python3 benchmarks/trainer_tele_ab.py --config configs/gpu_1b.toml --nproc 1 --steps 160 --no-keep-awake  # one GPU
     PYTHONPATH=src .venv/bin/python benchmarks/trainer_tele_ab.py --from-walls /tmp/trainer_tele_ab_*.walls.json --out ...
 
 Prints a line per run and writes benchmarks/results/trainer_tele_ab.json.
