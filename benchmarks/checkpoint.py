@@ -123,7 +123,6 @@ class Feixing:
         # the manager allocate its buffer ahead of the first save, as in the trainer.
         # when_busy = "skip": every step is due (interval 1) and save() skips while one is in flight.
         self.skip = when_busy == "skip"
-        self.steady = self.skip  # every_step_ab: a run that never waits has no end to wait for
         self.ck = Manager(CheckpointConfig(interval=1 if self.skip else 10**9, keep=1, verify_checksums=False,
                                            write_behind_mb=write_behind_mb, device_snapshot=device_snapshot,
                                            when_busy=when_busy), root, 0, 1)
@@ -271,7 +270,7 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
     """Saving after every step against not saving, in alternating blocks of `block_steps` steps
     (ABBA) in one loop, so the host's slow changes of speed fall on both alike. A saving block
     ends by waiting for its last save, and that wait counts as its time, except for a method that
-    never waits (`steady`: checkpoint.when_busy = 'skip'), whose saves run back to back in a real
+    never waits (`skip`: checkpoint.when_busy = 'skip'), whose saves run back to back in a real
     run: there the save still in flight is waited for outside the timing, so that it slows
     neither block."""
     step, p0 = 1, app["model"][0]
@@ -295,11 +294,12 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
             if saving:
                 method.save(step, app)
             step += 1
-        if saving and not getattr(method, "steady", False):
-            method.flush()
-        t[saving].append(time.perf_counter() - t0)
+        t_end = time.perf_counter()
         if saving:
-            method.flush()  # no-op unless steady
+            method.flush()
+            if not getattr(method, "skip", False):
+                t_end = time.perf_counter()
+        t[saving].append(t_end - t0)
     saves = len(method.close())  # saves taken (with when_busy = 'skip', fewer than the saving steps)
     pairs = [t[True][i] / t[False][i] - 1 for i in range(min(len(t[True]), len(t[False])))]
     out = {"method": method.name, "blocks": blocks, "block_steps": block_steps, "saves_taken": saves,

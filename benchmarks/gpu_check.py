@@ -209,6 +209,17 @@ def _prepare_data() -> str:
     return str(path)
 
 
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steady(recs: list[dict], after: int = 20) -> dict:
+    """Mean throughput and MFU of the steps after `after`; the run's peak memory."""
+    steady = [x for x in recs if x["step"] > after]
+    return {"tokens_per_s": sum(x["tokens_per_s"] for x in steady) / len(steady),
+            "mfu_mean": sum(x["mfu"] for x in steady) / len(steady), "memory_gb": max(x["memory_gb"] for x in recs)}
+
+
 def train_telemetry(out: Path, left: float) -> dict:
     """160 steps of the 1B trainer, telemetry on/off/off/on per step: throughput, MFU, and cost."""
     _prepare_data()
@@ -218,18 +229,19 @@ def train_telemetry(out: Path, left: float) -> dict:
          "--out", str(path)], left, out / "train_telemetry.log")
     res = json.loads(path.read_text())
     run = res["runs"][0]
-    recs = [json.loads(x) for x in Path(run["walls"][: -len(".walls.json")], "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in recs if r["step"] > 20]
+    run_dir = Path(run["walls"][: -len(".walls.json")])
+    recs = _metrics(run_dir)
     tokens = recs[-1]["tokens_per_s"] * recs[-1]["step_time_s"]  # per step, all ranks
+    steady = _steady(recs)
     r = {"step_off_ms": run["step_off_ms"], "tokens_per_s_off": tokens / run["step_off_ms"] * 1e3,
-         "mfu_mean": sum(x["mfu"] for x in steady) / len(steady), "memory_gb": max(x["memory_gb"] for x in recs),
+         "mfu_mean": steady["mfu_mean"], "memory_gb": steady["memory_gb"],
          "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]], "telemetry_frac": run["frac"],
          "telemetry_ci95_frac": run["ci95_frac"], "cpu_frac": run["cpu"][0]["diff_us"] / 1e3 / run["step_off_ms"],
          "background_cpu_per_step_us": run["cpu"][0]["background_cpu_per_step_us"]}
-    tele = Path(run["walls"][: -len(".walls.json")], "telemetry")
+    tele = run_dir / "telemetry"
     if tele.is_dir():  # device-time records: the CUDA-event path of telemetry ran
-        text = "".join(p.read_text() for p in tele.glob("*.jsonl"))
-        r["device_records"] = text.count('"type": "device"') + text.count('"type":"device"')
+        lines = [x for p in tele.glob("*.jsonl") for x in p.read_text().splitlines()]
+        r["device_records"] = sum(json.loads(x).get("type") == "device" for x in lines)
     print(f"train {TRAIN_CONFIG}: {r['tokens_per_s_off']:,.0f} tok/s, MFU {100 * r['mfu_mean']:.1f}%, mem {r['memory_gb']:.1f} GB; "
           f"telemetry on - off {r['telemetry_frac']:+.3%} ({r['telemetry_ci95_frac'][0]:+.3%} .. "
           f"{r['telemetry_ci95_frac'][1]:+.3%})", flush=True)
@@ -248,7 +260,7 @@ def _save_steps(run_dir: Path, every: int) -> dict:
     """Per-step loop time from metrics.jsonl's wall-clock stamps (they include the time
     `maybe_save` blocks, which `step_time_s` leaves out); steps 1-3 after each save against the
     median of the steps no save touches."""
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = _metrics(run_dir)
     dt = {b["step"]: b["time"] - a["time"] for a, b in zip(recs, recs[1:])}
     saves = [s for s in dt if s % every == 0]
     near = {s + i for s in saves for i in range(1, 4)}
@@ -304,10 +316,7 @@ def train_compile(out: Path, left: float) -> dict:
     _sh([sys.executable, "-m", "feixing", "train", "--config", TRAIN_CONFIG, "--nproc", str(TRAIN_NPROC),
          "--set", f"run.dir={run_dir}", "--set", "train.steps=60", "--set", "parallel.compile=true",
          "--set", "metrics.log_interval=1"], left, out / "train_compile.log")
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [x for x in recs if x["step"] > 20]
-    r = {"wall_s": time.time() - t0, "tokens_per_s": sum(x["tokens_per_s"] for x in steady) / len(steady),
-         "mfu_mean": sum(x["mfu"] for x in steady) / len(steady), "memory_gb": max(x["memory_gb"] for x in recs)}
+    r = {"wall_s": time.time() - t0, **_steady(_metrics(run_dir))}
     print(f"train {TRAIN_CONFIG}, compiled: {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu_mean']:.1f}%, "
           f"{r['wall_s']:.0f} s in all", flush=True)
     return r

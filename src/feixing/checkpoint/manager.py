@@ -44,9 +44,9 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "feixing": fx, "python": platform.python_version()}
 
 
-def loop_cost(rec: dict) -> str:
+def loop_cost(rec: dict, async_save: bool = True) -> str:
     """What one save cost the training loop, for the commit log line (times of `rec`, a stats record)."""
-    if rec.get("sync"):
+    if not async_save:  # the commit is logged inside the loop's wait for it
         return "checkpoint.async = false: the loop waited for the whole save"
     parts = [(k, label) for k, label in (("previous_s", "waiting for the previous save"),
                                          ("capture_s", "gathering the state"),
@@ -256,7 +256,6 @@ class Manager:
         record["blocked_s"] = time.perf_counter() - t0
         record["start_s"] = record["blocked_s"] - record["previous_s"] - record["capture_s"] - record["buffer_s"]
         if not background:
-            record["sync"] = True  # the commit is logged inside this wait
             self._poll(block=True)
             record["sync_s"] = time.perf_counter() - t0 - record["blocked_s"]
             record["blocked_s"] += record["sync_s"]
@@ -328,7 +327,7 @@ class Manager:
                     self.last_committed = ans["committed"]
                     log.info("checkpoint step %d committed: %s (%.2f GB, persist %.2f s; %s)",
                              ans["step"], ans["committed"], ans["bytes"] / 1e9, ans["persist_s"],
-                             loop_cost(rec))
+                             loop_cost(rec, self.cfg.async_save))
             else:
                 self._failed(f"checkpoint at step {inflight['step']} failed on rank {self.rank}: "
                              f"{ans['error']}")

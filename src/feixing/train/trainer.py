@@ -259,14 +259,14 @@ def _save_final_weights(model, args, run_dir: Path, env, step: int, on_error: st
 
         final, tmp = run_dir / "final", run_dir / "final.tmp"
         try:
-            _remove(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             export_hf(full, args, str(tmp))
             (tmp / "step.txt").write_text(str(step))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             log.info("final weights (step %d) written to %s", step, final)
         except (OSError, SafetensorError) as e:
-            _remove(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             error = (f"final weights (step {step}) not written to {final}: {type(e).__name__}: {e}. "
                      f"The checkpoints are not affected: `feixing export --checkpoint DIR --to hf OUT` "
                      f"writes the weights from one of them.")
@@ -274,11 +274,3 @@ def _save_final_weights(model, args, run_dir: Path, env, step: int, on_error: st
     dist.barrier()
     if error is not None and on_error == "stop":
         raise OSError(error)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or folder tree if present."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
