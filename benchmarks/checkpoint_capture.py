@@ -1,10 +1,16 @@
 """How long does gathering the state take at each save? (the loop waits for it)
 
-`Manager._capture` collects every tensor to save and, for each DTensor, the shard's global
-offset. torch computes that offset anew on every call (~0.3 ms per DTensor on the 2-core VM);
-feixing computes it once per (shape, mesh, placements) and keeps it (`load._shard_box`). This
-script times `_capture` of an FSDP2 Llama with AdamW state on one process, the cache on and off
-in alternate calls, and prints the medians.
+A save's capture (`feixing.checkpoint.capture`) names every tensor to save through torch's
+`get_state_dict` and finds each DTensor shard's global offset. Three ways, in turn, on an FSDP2
+Llama with AdamW state on one process:
+
+- `full_uncached`: in full, torch computing each shard's offset anew (~0.3 ms per DTensor here);
+- `full`: in full, offsets kept per (shape, mesh, placements) (`load._shard_box`);
+- `cached`: what every save after the first does: the remembered capture, checked against a
+  fingerprint of the live state, with the parameter groups and non-model state re-read.
+
+It also times building the staging layout from the tensor list (`stage.Layout`), which
+`Stager.prepare` skips when a save's tensor list equals the previous one's.
 
     PYTHONPATH=src .venv/bin/python benchmarks/checkpoint_capture.py [--flavor demo] [--calls 41]
     PYTHONPATH=src .venv/bin/python benchmarks/checkpoint_capture.py --flavor 1b --meta
@@ -29,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from feixing import config, models  # noqa: E402
 from feixing.checkpoint import Manager, load  # noqa: E402
+from feixing.checkpoint.stage import Layout  # noqa: E402
 from feixing.config.schema import CheckpointConfig  # noqa: E402
 from feixing.distributed.launch import free_port  # noqa: E402
 from feixing.distributed.mesh import ParallelDims  # noqa: E402
@@ -59,23 +66,34 @@ def main() -> None:
     opt.step()  # creates the AdamW state that a save gathers
     app = {"model": model, "optimizer": opt, "loader": {"pos": 0}}
     ck = Manager(CheckpointConfig(interval=10**9), "/tmp/feixing-capture-bench", 0, 1)
-    cached, uncached = load._shard_box, load._shard_box.__wrapped__
-    times = {"cached": [], "uncached": []}
+    cached_box, uncached_box = load._shard_box, load._shard_box.__wrapped__
+    cap = ck.capture
+    cap(app, 1)  # the first capture, done in full and remembered
+    kinds = ("full_uncached", "full", "cached")
+    times = {k: [] for k in kinds}
     n = 0
-    for i in range(2 * a.calls + 2):
-        kind = "cached" if i % 2 else "uncached"
-        load._shard_box = cached if kind == "cached" else uncached
+    for i in range(len(kinds) * (a.calls + 1)):
+        kind = kinds[i % len(kinds)]
+        load._shard_box = uncached_box if kind == "full_uncached" else cached_box
         t0 = time.perf_counter()
-        _, sources = ck._capture(app, 1)
+        _, sources = cap(app, 1) if kind == "cached" else cap._full(app, 1, None, remember=False)
         dt = time.perf_counter() - t0
         n = len(sources)
-        if i >= 2:  # the first of each kind warms up (and fills the cache)
+        if i >= len(kinds):  # the first of each kind warms up (and fills the offset cache)
             times[kind].append(dt)
-    load._shard_box = cached
+    load._shard_box = cached_box
+    assert cap.cached >= a.calls, "the cached kind did not use the cache"
     ck.close()
+    items = [(k, t.dtype, tuple(t.shape)) for k, t in sources.items()]
+    for _ in range(a.calls):
+        t0 = time.perf_counter()
+        Layout(items)
+        times.setdefault("layout", []).append(time.perf_counter() - t0)
     res = {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v)} for k, v in times.items()}
-    print(f"{a.flavor}: {n} tensors; gathering the state: {res['uncached']['median_ms']:.1f} ms without the "
-          f"offset cache, {res['cached']['median_ms']:.1f} ms with it (medians of {a.calls} calls each)")
+    print(f"{a.flavor}: {n} tensors; gathering the state (medians of {a.calls} calls each): "
+          + ", ".join(f"{k} {res[k]['median_ms']:.2f} ms" for k in kinds)
+          + f"; cached / full = {res['cached']['median_ms'] / res['full']['median_ms']:.3f}; "
+          f"building the staging layout {res['layout']['median_ms']:.2f} ms (skipped when the tensors are the same)")
     with open(a.out, "w") as fh:
         json.dump({"flavor": a.flavor, "meta": a.meta, "tensors": n, "calls": a.calls, **res, "torch": torch.__version__,
                    "loadavg": os.getloadavg()}, fh, indent=1)

@@ -25,10 +25,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import set_state_dict
 
 from feixing.checkpoint import commit as C
-from feixing.checkpoint.load import LOCAL, SHARDED, Reader, chunk_of
+from feixing.checkpoint.capture import Capture, sharded_state, split
+from feixing.checkpoint.load import Reader
 from feixing.checkpoint.stage import Stager, decode, encode
 from feixing.checkpoint.writer import WriterProcess, hash_in_parallel
 
@@ -94,6 +95,7 @@ class Manager:
         self.stats: list[dict] = []  # one record per save: blocked_s, wait_s, persist_s, ...
         self.skipped: list[int] = []  # steps whose save was skipped (checkpoint.when_busy = 'skip')
         self._skips_reported = 0
+        self.capture = Capture(rank, world_size)  # what a save gathers; cheap after the first save
 
     # ---- collectives (in __init__, resume and the due steps of when_busy = 'skip': every rank calls them)
 
@@ -126,54 +128,6 @@ class Manager:
         return bool(t.item())
 
     # ---- what to save ------------------------------------------------------------------------
-
-    @staticmethod
-    def _split(app_state: dict):
-        modules = [k for k, v in app_state.items() if isinstance(v, torch.nn.Module)]
-        optims = [k for k, v in app_state.items() if isinstance(v, torch.optim.Optimizer)]
-        if len(modules) > 1 or (optims and not modules):
-            raise ValueError(f"checkpoint app_state needs exactly one nn.Module for its optimizers; "
-                             f"got modules {modules} and optimizers {optims}")
-        if len(optims) > 1:
-            raise ValueError(f"checkpoint app_state: one optimizer supported, got {optims}")
-        others = [k for k in app_state if k not in modules and k not in optims]
-        return (modules[0] if modules else None), (optims[0] if optims else None), others
-
-    def _sharded_state(self, app_state: dict) -> dict:
-        mkey, okey, _ = self._split(app_state)
-        if mkey is None:
-            return {}
-        model = app_state[mkey]
-        if okey is None:
-            msd, _ = get_state_dict(model, [])
-            return {mkey: msd}
-        msd, osd = get_state_dict(model, [app_state[okey]])
-        return {mkey: msd, okey: osd}
-
-    def _capture(self, app_state: dict, step: int):
-        """Snapshot at a step boundary: non-tensor state now, tensors as (key -> live tensor)."""
-        _, _, others = self._split(app_state)
-        sharded = {}
-        s_skel = {k: encode(v, k, sharded) for k, v in self._sharded_state(app_state).items()}
-        local = {}
-        l_skel = {}
-        for k in others:
-            obj = app_state[k]
-            sd = obj.state_dict() if hasattr(obj, "state_dict") else dict(obj)
-            l_skel[k] = encode(sd, k, local)
-        chunks, sources = {}, {}
-        for path, t in sharded.items():
-            loc, offset, writes = chunk_of(t)
-            # Plain tensors of the model/optimizer are the same on every rank: rank 0 writes them.
-            if writes and (self.rank == 0 or loc is not t):
-                sources[SHARDED + path] = loc
-                chunks[path] = {"global_shape": list(t.shape), "offset": list(offset),
-                                "shape": list(loc.shape), "dtype": str(t.dtype)}
-        for path, t in local.items():
-            sources[LOCAL + path] = t.detach().clone()  # small, and may change after this step
-        index = {"rank": self.rank, "world_size": self.world_size, "step": step,
-                 "sharded": s_skel, "local": l_skel, "chunks": chunks}
-        return index, sources
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -214,14 +168,14 @@ class Manager:
             log.warning("checkpoint at step %d waited %.2f s for the previous save to persist; "
                         "checkpoint.interval is shorter than a save takes (checkpoint.when_busy = "
                         "'skip' skips such saves instead)", step, waited)
-        _, okey, _ = self._split(app_state)
+        _, okey, _ = split(app_state)
         if okey is not None and not app_state[okey].state:
             # get_state_dict would create AdamW state with a fake step, changing later updates.
             log.warning("checkpoint at step %d skipped: the optimizer has not stepped yet", step)
             return False
         t_capture = time.perf_counter()
         try:
-            index, sources = self._capture(app_state, step)
+            index, sources = self.capture(app_state, step)
         except Exception as e:
             raise C.CheckpointError(f"checkpoint at step {step}: {e}") from e
         if self.stager is None:
@@ -268,11 +222,11 @@ class Manager:
     def _preallocate(self, app_state: dict) -> None:
         """Size, allocate, pin the staging buffer and start the writer in the background, so the
         first save does not pay for them (called at the first non-saving step and after resume)."""
-        _, okey, _ = self._split(app_state)
+        _, okey, _ = split(app_state)
         if okey is not None and not app_state[okey].state:
             return  # sizes unknown until the optimizer's first step creates its state
         try:
-            _, sources = self._capture(app_state, 0)
+            _, sources = self.capture(app_state, 0)
         except Exception:  # noqa: BLE001 - the first real save reports it
             self._prealloc_failed = True  # do not pay for get_state_dict at every step
             return
@@ -427,8 +381,8 @@ class Manager:
         error = ""
         try:
             reader = Reader(folder, manifest)
-            mkey, okey, others = self._split(app_state)
-            sharded = self._sharded_state(app_state)
+            mkey, okey, others = split(app_state)
+            sharded = sharded_state(app_state)
             targets: dict = {}
             for k, v in sharded.items():
                 encode(v, k, targets)
@@ -454,6 +408,7 @@ class Manager:
         if not self._all_ok(not error):
             raise C.CheckpointError(f"loading {folder} failed on rank {self.rank}: "
                                     f"{error or 'failed on another rank'}")
+        self.capture.forget()  # its views alias the state being replaced
         if mkey is not None:
             set_state_dict(app_state[mkey], [app_state[okey]] if okey else [],
                            model_state_dict=msd, optim_state_dict=osd)

@@ -189,6 +189,7 @@ class Stager:
         self._stream = None
         self._snap_event = None
         self._alloc: threading.Thread | None = None
+        self._items: list = []  # what `layout` was built from
         self._targets: dict[str, torch.Tensor] = {}
         self._snap_targets: dict[str, torch.Tensor] = {}
 
@@ -210,14 +211,17 @@ class Stager:
         if alloc is not None and alloc is not threading.current_thread():
             alloc.join()  # never two allocations at once; the writer it started is ours
             self._alloc = None
+        if self.layout is not None and items == self._items:
+            return False  # the same tensors as last time (building a Layout costs ~4 ms at 1B)
         layout = Layout(items)
         if self.layout is not None and layout.signature == self.layout.signature:
+            self._items = list(items)
             return False
         if self.buffer is not None:
             log.warning("checkpoint state changed shape; reallocating the staging buffer")
             self._free()
         self.buffer = HostBuffer(layout.nbytes, self.device_type)
-        self.layout = layout
+        self.layout, self._items = layout, list(items)
         # Views made once per layout: the staging thread then runs one torch call per tensor,
         # holding the GIL as little as possible while the loop launches its work.
         self._targets = {k: self.view(k, host=False) for k in layout.slots}
