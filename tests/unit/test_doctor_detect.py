@@ -15,7 +15,7 @@ PH = {"data": 0.002, "forward": 0.004, "backward": 0.008, "comm": 0.004, "optimi
 
 
 def write_run(d, steps=300, ranks=4, seed=0, noise=0.03, extra=None, ckpt_every=0, canary_every=25,
-              dispatch=None, link_delay=None):
+              dispatch=None, link_delay=None, reference=None):
     """Write a synthetic run: lognormal noise per phase; extra(rank, step) -> {phase: seconds added}.
 
     The comm phase of every rank absorbs the slowest rank's extra time, as in synchronous training.
@@ -45,6 +45,8 @@ def write_run(d, steps=300, ranks=4, seed=0, noise=0.03, extra=None, ckpt_every=
                      "dispatch_s": (dispatch(r, s) if dispatch else 4e-4) * rng.lognormal(0, 0.01),
                      "link_lat_s": 2e-4 * rng.lognormal(0, 0.1) + (link_delay(r, s) if link_delay else 0.0),
                      "rss_mb": 200.0}
+                if reference:  # the host reference timed next to the dispatch canary
+                    c["reference_s"] = reference(r, s) * rng.lognormal(0, 0.01)
                 files[r].write(json.dumps(c) + "\n")
     for f in files:
         f.close()
@@ -140,6 +142,21 @@ def test_cluster_wide_dispatch_drift(tmp_path):
     assert drift and drift[0].layer == "dispatch" and drift[0].ranks == []
     assert drift[0].detected_step <= 300 + 300  # goal: within 300 steps of crossing 1%
     assert not any(x.kind == "straggler" for x in f)
+
+
+def test_dispatch_drift_says_whether_the_host_core_slowed(tmp_path):
+    ramp = lambda s: 0.02 * max(s - 100, 0) / 100  # +14% at the end
+    common = dict(steps=800, noise=0.01, dispatch=lambda r, s: 4e-4 * (1 + ramp(s)),
+                  extra=lambda r, s: {p: PH[p] * ramp(s) for p in ("forward", "backward", "optimizer")})
+    flat = [x for x in diagnose_run(write_run(str(tmp_path / "flat"), reference=lambda r, s: 1e-4, **common))
+            if x.kind == "drift"]
+    assert [x.layer for x in flat] == ["dispatch"] and "CPU runs slower" not in flat[0].summary
+    assert any("the dispatch path did" in e for e in flat[0].evidence)
+    # the same growth with the plain-Python reference slowing alike: the core itself got slower
+    core = [x for x in diagnose_run(write_run(str(tmp_path / "core"), reference=lambda r, s: 1e-4 * (1 + ramp(s)),
+                                              **common)) if x.kind == "drift"]
+    assert [x.layer for x in core] == ["dispatch"] and "host's CPU runs slower" in core[0].summary
+    assert any("the core itself slowed" in e for e in core[0].evidence)
 
 
 def test_compute_drift_without_dispatch_canary_is_compute(tmp_path):

@@ -93,9 +93,11 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
                     raw.append((scope, LAYER_OF[name], name, int(bsteps[start] - DRIFT_BLOCK + 1),
                                 int(bsteps[alarm]), final))
     can_final = {}
-    for name, floor in CANARY_DRIFT.items():
-        if name == "dispatch_s" and "dispatch_cpu_s" in can:
-            name = "dispatch_cpu_s"
+    on_cpu = "dispatch_cpu_s" in can  # CPU devices: the canaries' CPU time replaces their wall time
+    tests = [("dispatch_cpu_s" if on_cpu else "dispatch_s", CANARY_DRIFT["dispatch_s"]),
+             ("rss_mb", CANARY_DRIFT["rss_mb"]),
+             ("reference_cpu_s" if on_cpu else "reference_s", None)]  # the host reference: evidence only
+    for name, floor in tests:
         if name not in can or can[name].size == 0:
             continue
         m = can[name]
@@ -107,6 +109,8 @@ def find_drifts(steps: np.ndarray, sig: dict, can_steps: np.ndarray, can: dict) 
             if series.size > DRIFT_BASE_BLOCKS:
                 base = np.nanmedian(series[:DRIFT_BASE_BLOCKS])
                 can_final[(scope, name)] = float(np.nanmedian(series[-3:]) / base - 1) if base > 0 else 0.0
+            if floor is None:
+                continue
             res = drift_test(series, confirm=2 * w)
             if res is not None:
                 alarm, start, z, _ = res
@@ -155,6 +159,15 @@ def _merge_drifts(raw: list, can_final: dict, steps: np.ndarray, n_ranks: int) -
         summ = (f"{_WHAT.get(layer, layer)} on {_who(scope)} grew {mag:.0%} between steps {first} and "
                 f"{last}")
         ev = [f"{n}: {f:+.1%} vs the early baseline, CUSUM alarm at step {d}" for n, _, d, f in items]
+        ref = can_final.get((scope, "reference_cpu_s"), can_final.get((scope, "reference_s")))
+        if layer == "dispatch" and ref is not None and np.isfinite(ref):
+            # A plain-Python loop timed next to each dispatch canary (probes.py): if it slowed as
+            # well, the core itself runs slower (a busy host, a lower clock), not only the dispatch path.
+            core = ref >= 0.5 * mag
+            summ += (f" (a plain-Python reference on the same cores slowed {ref:.0%} too: the host's CPU "
+                     "runs slower, not only operator dispatch)" if core else "")
+            ev.append(f"host reference (plain Python, no torch) {ref:+.1%} vs the early baseline: "
+                      + ("the core itself slowed" if core else "the core did not slow; the dispatch path did"))
         ranks = [] if scope == "all" else [scope]
         out.append(Finding("drift", layer, ranks, first, round(mag, 4), summ, det, ev))
     return out

@@ -115,8 +115,8 @@ def render_html(findings: list, data) -> str:
                                                             for r in range(data.world_size)}, marks=marks))
     if data.can_steps.size:
         parts.append("<h2>Canaries</h2>")
-        for k, unit, scale in (("dispatch_s", "ms", 1e3), ("link_lat_s", "ms", 1e3), ("link_bw_gbs", "GB/s", 1),
-                               ("rss_mb", "MB", 1)):
+        for k, unit, scale in (("dispatch_s", "ms", 1e3), ("reference_s", "ms", 1e3), ("link_lat_s", "ms", 1e3),
+                               ("link_bw_gbs", "GB/s", 1), ("rss_mb", "MB", 1)):
             if k in data.can:
                 ys = {f"rank {r}": data.can[k][r] for r in range(data.world_size)}
                 parts.append(line_plot(k, data.can_steps, ys, unit=unit, scale=scale, marks=marks))

@@ -24,6 +24,11 @@ import torch
 import torch.distributed as dist
 
 N_DISPATCH_OPS = 64
+# Iterations of the host reference: plain Python arithmetic, no torch, no system call (~130 us
+# here). Timed next to each dispatch pass, it measures how fast the core runs the interpreter at
+# that moment, so `dispatch / reference` stays put when the whole core slows (a busy neighbour
+# on the host, a lower clock) and moves when the operator dispatch path itself gets slower.
+N_REFERENCE_ITERS = 4000
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -63,13 +68,20 @@ class Canaries:
             x = x + 0.0001
             x = torch.relu(x)
 
+    @staticmethod
+    def _reference_once() -> float:
+        x = 1.0
+        for _ in range(N_REFERENCE_ITERS):
+            x = x * 1.0000001 + 1e-7
+        return x
+
     def dispatch(self, faults, step) -> dict:
         out = {}
         if self.cuda and self._pending is not None and self._pending[1].query():
             out["dispatch_dev_s"] = self._pending[0].elapsed_time(self._pending[1]) / 1e3
             self._pending = None
         self._dispatch_once()  # untimed: after a step's large kernels the dispatch path is cold
-        best = best_cpu = float("inf")
+        best = best_cpu = ref = ref_cpu = float("inf")
         for _ in range(3):
             c0 = time.process_time()
             t0 = time.perf_counter()
@@ -88,9 +100,16 @@ class Canaries:
                 spin(faults.dispatch_extra(step, self._dispatch_base))
             best = min(best, time.perf_counter() - t0)
             best_cpu = min(best_cpu, time.process_time() - c0)
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            self._reference_once()
+            ref = min(ref, time.perf_counter() - t0)
+            ref_cpu = min(ref_cpu, time.process_time() - c0)
         out["dispatch_s"] = best
+        out["reference_s"] = ref
         if not self.cuda:  # host CPU time: unaffected by other processes taking the core
             out["dispatch_cpu_s"] = best_cpu
+            out["reference_cpu_s"] = ref_cpu
         return out
 
     def _ring(self, send, recv, delay: float) -> float:
