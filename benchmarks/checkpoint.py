@@ -118,17 +118,19 @@ def rss_gb() -> float:
 
 class Feixing:
     def __init__(self, root: str, app: dict, parallel_hash: bool | None = None, write_behind_mb: int = 32,
-                 device_snapshot: str = "auto", when_busy: str = "wait"):
+                 device_snapshot: str = "auto", when_busy: str = "wait", max_overhead: float = 0.0):
         # interval: never by itself; saves are forced below. maybe_save() after each step lets
         # the manager allocate its buffer ahead of the first save, as in the trainer.
         # when_busy = "skip": every step is due (interval 1) and save() skips while one is in flight.
         self.skip = when_busy == "skip"
         self.ck = Manager(CheckpointConfig(interval=1 if self.skip else 10**9, keep=1, verify_checksums=False,
                                            write_behind_mb=write_behind_mb, device_snapshot=device_snapshot,
-                                           when_busy=when_busy), root, 0, 1)
+                                           when_busy=when_busy, max_overhead=max_overhead), root, 0, 1)
         self.name = "feixing" if write_behind_mb else "feixing(no write-behind)"
         if self.skip:
             self.name += "(when_busy skip)"
+        if max_overhead:
+            self.name += f"(max_overhead {max_overhead:g})"
         if device_snapshot != "auto":
             self.name += f"(device snapshot {device_snapshot})"
         if parallel_hash is not None:  # force the writer's hashing mode (default: by core count)
@@ -156,7 +158,7 @@ class Feixing:
 
     def close(self) -> list[dict]:
         self.ck.close()
-        keep = ("stage_s", "snapshot", "previous_s", "capture_s", "buffer_s", "start_s", "wait_s")  # see Manager.stats
+        keep = ("stage_s", "snapshot", "previous_s", "capture_s", "buffer_s", "start_s", "wait_s", "blocked_s")  # see Manager.stats
         return [{"persist_s": r.get("persist_s", 0) + r.get("commit_s", 0), **{k: r.get(k) for k in keep}}
                 for r in self.ck.stats]
 
@@ -300,16 +302,21 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
             if not getattr(method, "skip", False):
                 t_end = time.perf_counter()
         t[saving].append(t_end - t0)
-    saves = len(method.close())  # saves taken (with when_busy = 'skip', fewer than the saving steps)
+    recs = method.close()
+    saves = len(recs)  # saves taken (with when_busy = 'skip', fewer than the saving steps)
+    med = {k: statistics.median(v) for k in ("blocked_s", "wait_s", "stage_s", "persist_s")
+           if (v := [r[k] for r in recs[1:] if r.get(k) is not None])}  # per save, the first left out
     pairs = [t[True][i] / t[False][i] - 1 for i in range(min(len(t[True]), len(t[False])))]
     out = {"method": method.name, "blocks": blocks, "block_steps": block_steps, "saves_taken": saves,
            "saving_steps": block_steps * len(t[True]) + 1,
            "overhead_pct": 100 * (sum(t[True]) / sum(t[False]) - 1),
-           "pair_overhead_pct": sorted(100 * x for x in pairs), "block_s": {"saving": t[True], "not": t[False]}}
+           "pair_overhead_pct": sorted(100 * x for x in pairs), "block_s": {"saving": t[True], "not": t[False]},
+           "per_save_median_s": med}
     q = out["pair_overhead_pct"]
     print(f"{method.name}: saving after every step ({saves} saves taken in {out['saving_steps']} saving steps) "
           f"costs {out['overhead_pct']:+.2f} % "
-          f"(block pairs: median {statistics.median(q):+.1f} %, range {q[0]:+.1f} .. {q[-1]:+.1f} %)", flush=True)
+          f"(block pairs: median {statistics.median(q):+.1f} %, range {q[0]:+.1f} .. {q[-1]:+.1f} %); per save "
+          + ", ".join(f"{k} {v:.3f}" for k, v in med.items()), flush=True)
     return out
 
 
@@ -552,6 +559,7 @@ def main() -> None:
               "feixing_no_write_behind": lambda d: Feixing(d, app, write_behind_mb=0),
               "feixing_no_snapshot": lambda d: Feixing(d, app, device_snapshot="off"),
               "feixing_skip": lambda d: Feixing(d, app, when_busy="skip"),
+              "feixing_budget": lambda d: Feixing(d, app, when_busy="skip", max_overhead=0.05),
               "dcp_async": lambda d: Dcp(d, app, True),
               "dcp_async_process": lambda d: Dcp(d, app, True, process=True),
               "dcp_sync": lambda d: Dcp(d, app, False)}

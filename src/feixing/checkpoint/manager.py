@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import set_state_dict
 
 from feixing.checkpoint import commit as C
+from feixing.checkpoint.budget import LoopBudget
 from feixing.checkpoint.capture import Capture, sharded_state, split
 from feixing.checkpoint.load import Reader
 from feixing.checkpoint.stage import Stager, decode, encode
@@ -96,6 +97,7 @@ class Manager:
         self.skipped: list[int] = []  # steps whose save was skipped (checkpoint.when_busy = 'skip')
         self._skips_reported = 0
         self.capture = Capture(rank, world_size)  # what a save gathers; cheap after the first save
+        self.budget = LoopBudget(cfg.max_overhead)  # skips due saves beyond that share of the loop
 
     # ---- collectives (in __init__, resume and the due steps of when_busy = 'skip': every rank calls them)
 
@@ -150,18 +152,25 @@ class Manager:
 
     def maybe_save(self, step: int, app_state: dict, force: bool = False) -> bool:
         """After optimizer step `step`: save if `step % interval == 0` (or `force`)."""
+        self.budget.step(self.busy())
         if not force and (self.cfg.interval == 0 or step % self.cfg.interval != 0):
             if self.stager is None and self.cfg.interval > 0 and not self._prealloc_failed:
                 self._preallocate(app_state)
             self._poll(block=False)
             return False
         t0 = time.perf_counter()
-        if not force and self.cfg.when_busy == "skip" and not self._all_ok(not self.busy()):
-            if not self.skipped:
-                log.info("checkpoint at step %d skipped: the previous save is still being written "
-                         "(checkpoint.when_busy = 'skip'); each commit line counts the skips before it", step)
-            self.skipped.append(step)
-            return False
+        if not force and (self.cfg.when_busy == "skip" or self.budget.share > 0):
+            busy = self.cfg.when_busy == "skip" and self.busy()
+            last = self.stats[-1] if self.stats else {}
+            within = self.budget.allows(last.get("blocked_s", 0.0) + last.get("wait_s", 0.0))
+            if not self._all_ok(not busy and within):
+                if not self.skipped:
+                    log.info("checkpoint at step %d skipped: %s; each commit line counts the skips before it", step,
+                             "the previous save is still being written (checkpoint.when_busy = 'skip')" if busy else
+                             f"the previous save cost the loop more than checkpoint.max_overhead = "
+                             f"{self.budget.share:g} of the time since it began")
+                self.skipped.append(step)
+                return False
         self._wait_staging(everything=True)
         waited = self._poll(block=True)  # one save in flight: the previous must be done
         if waited > 0.05:
@@ -184,7 +193,11 @@ class Manager:
                   "previous_s": t_capture - t0, "capture_s": time.perf_counter() - t_capture,
                   "skipped_before": len(self.skipped) - self._skips_reported}
         self._skips_reported = len(self.skipped)
+        if self.stats and self.budget.share > 0:
+            last = self.stats[-1]
+            last["loop_cost_s"] = self.budget.cost(last.get("blocked_s", 0.0) + last.get("wait_s", 0.0))
         self.stats.append(record)
+        self.budget.began(t0)
         self._inflight = {"step": step, "t0": time.perf_counter()}
         items = [(k, t.dtype, tuple(t.shape)) for k, t in sources.items()]
         background = self.cfg.async_save
@@ -308,6 +321,7 @@ class Manager:
         """Block until the save in flight (if any) is persisted and, on rank 0, committed."""
         self._wait_staging(everything=True)
         self._poll(block=True)
+        self.budget.pause()
 
     def close(self) -> None:
         """Finish the save in flight, stop the writer process, free the staging buffer."""

@@ -107,6 +107,9 @@ def problems(cfg: Config, world_size: int, check_data: bool = True) -> list[str]
         out.append(f"checkpoint.device_snapshot = {c.device_snapshot!r}: must be 'auto', 'on' or 'off'")
     if c.write_behind_mb < 0:
         out.append(f"checkpoint.write_behind_mb = {c.write_behind_mb}: must be >= 0 (0 = off)")
+    if not 0.0 <= c.max_overhead < 1.0:
+        out.append(f"checkpoint.max_overhead = {c.max_overhead}: must be in [0, 1), a share of the loop's "
+                   "time (0.05 = 5%; 0 = off)")
     for i, f in enumerate(cfg.faults):
         if f.kind not in _FAULT_KINDS:
             out.append(f"faults[{i}].kind = {f.kind!r}: choose one of {', '.join(_FAULT_KINDS)}")

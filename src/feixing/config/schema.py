@@ -133,6 +133,8 @@ class CheckpointConfig:
     """When a save fails (disk full, permissions): continue (warn, keep training) | stop."""
     when_busy: str = "wait"
     """A save that falls due while the previous one is still being written: wait (for it, then save) | skip (this one; with interval = 1 the run saves as often as the disk allows, never waiting). Every rank decides alike."""
+    max_overhead: float = 0.0
+    """Skip a due save while the previous one has cost the loop more than this share of the time since it began (its blocking, the optimizer's wait for the copy and the slower steps it overlapped, measured against the median step without a save), e.g. 0.05 with interval = 1: save as often as 5% of the loop allows; 0 = off. Every rank decides alike."""
     write_behind_mb: int = 32
     """Linux: while a save is written, hand every this many MiB to the disk and drop it from the page cache, so a large save never piles up dirty pages for the kernel to flush at normal priority; 0 = leave it to the kernel (one fsync at the end)."""
     device_snapshot: str = "auto"
