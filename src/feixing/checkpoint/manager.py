@@ -46,6 +46,11 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "feixing": fx, "python": platform.python_version()}
 
 
+def waited_s(rec: dict) -> float:
+    """What the loop waited for one save itself: blocked in the save call + before the optimizer."""
+    return rec.get("blocked_s", 0.0) + rec.get("wait_s", 0.0)
+
+
 def loop_cost(rec: dict, async_save: bool = True) -> str:
     """What one save cost the training loop, for the commit log line (times of `rec`, a stats record)."""
     if not async_save:  # the commit is logged inside the loop's wait for it
@@ -54,7 +59,7 @@ def loop_cost(rec: dict, async_save: bool = True) -> str:
                                          ("capture_s", "gathering the state"),
                                          ("buffer_s", "for the staging buffer"), ("start_s", "starting the copy"),
                                          ("wait_s", "before the optimizer")) if k in rec]
-    total = rec.get("blocked_s", 0.0) + rec.get("wait_s", 0.0)
+    total = waited_s(rec)
     text = f"the loop waited {1e3 * total:.0f} ms: " + ", ".join(f"{1e3 * rec[k]:.0f} ms {label}" for k, label in parts)
     return text + (f"; {rec['skipped_before']} due saves skipped before it" if rec.get("skipped_before") else "")
 
@@ -152,7 +157,8 @@ class Manager:
 
     def maybe_save(self, step: int, app_state: dict, force: bool = False) -> bool:
         """After optimizer step `step`: save if `step % interval == 0` (or `force`)."""
-        self.budget.step(self.busy())
+        if self.budget.share > 0:  # off by default: nothing added to the step
+            self.budget.step(self.busy())
         if not force and (self.cfg.interval == 0 or step % self.cfg.interval != 0):
             if self.stager is None and self.cfg.interval > 0 and not self._prealloc_failed:
                 self._preallocate(app_state)
@@ -161,8 +167,7 @@ class Manager:
         t0 = time.perf_counter()
         if not force and (self.cfg.when_busy == "skip" or self.budget.share > 0):
             busy = self.cfg.when_busy == "skip" and self.busy()
-            last = self.stats[-1] if self.stats else {}
-            within = self.budget.allows(last.get("blocked_s", 0.0) + last.get("wait_s", 0.0))
+            within = self.budget.allows(waited_s(self.stats[-1]) if self.stats else 0.0)
             if not self._all_ok(not busy and within):
                 if not self.skipped:
                     log.info("checkpoint at step %d skipped: %s; each commit line counts the skips before it", step,
@@ -194,8 +199,7 @@ class Manager:
                   "skipped_before": len(self.skipped) - self._skips_reported}
         self._skips_reported = len(self.skipped)
         if self.stats and self.budget.share > 0:
-            last = self.stats[-1]
-            last["loop_cost_s"] = self.budget.cost(last.get("blocked_s", 0.0) + last.get("wait_s", 0.0))
+            self.stats[-1]["loop_cost_s"] = self.budget.cost(waited_s(self.stats[-1]))
         self.stats.append(record)
         self.budget.began(t0)
         self._inflight = {"step": step, "t0": time.perf_counter()}

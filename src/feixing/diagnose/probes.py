@@ -26,8 +26,8 @@ import torch.distributed as dist
 N_DISPATCH_OPS = 64
 # Iterations of the host reference: plain Python arithmetic, no torch, no system call (~130 us
 # here). Timed next to each dispatch pass, it measures how fast the core runs the interpreter at
-# that moment, so `dispatch / reference` stays put when the whole core slows (a busy neighbour
-# on the host, a lower clock) and moves when the operator dispatch path itself gets slower.
+# that moment: when it slows as much as the dispatch canary, the whole core got slower (a busy
+# neighbour on the host, a lower clock), not only the operator dispatch path (drift.py says which).
 N_REFERENCE_ITERS = 4000
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
