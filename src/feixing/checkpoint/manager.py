@@ -143,6 +143,11 @@ class Manager:
         parameters as they are (copied to the host, or to the device snapshot: see stage.py)."""
         self._wait_staging(everything=False)
 
+    def _note_cost(self) -> None:
+        """With checkpoint.max_overhead: the latest save's measured cost to the loop, on its record."""
+        if self.stats and self.budget.share > 0:
+            self.stats[-1]["loop_cost_s"] = self.budget.cost(waited_s(self.stats[-1]))
+
     def _wait_staging(self, everything: bool) -> None:
         t0 = time.perf_counter()
         if self.stager is not None:
@@ -198,8 +203,7 @@ class Manager:
                   "previous_s": t_capture - t0, "capture_s": time.perf_counter() - t_capture,
                   "skipped_before": len(self.skipped) - self._skips_reported}
         self._skips_reported = len(self.skipped)
-        if self.stats and self.budget.share > 0:
-            self.stats[-1]["loop_cost_s"] = self.budget.cost(waited_s(self.stats[-1]))
+        self._note_cost()
         self.stats.append(record)
         self.budget.began(t0)
         self._inflight = {"step": step, "t0": time.perf_counter()}
@@ -325,6 +329,7 @@ class Manager:
         """Block until the save in flight (if any) is persisted and, on rank 0, committed."""
         self._wait_staging(everything=True)
         self._poll(block=True)
+        self._note_cost()
         self.budget.pause()
 
     def close(self) -> None:
