@@ -129,7 +129,8 @@ class Feixing:
         self.name = "feixing" if write_behind_mb else "feixing(no write-behind)"
         if self.skip:
             self.name += "(when_busy skip)"
-        if max_overhead:
+        self.budgeted = max_overhead > 0
+        if self.budgeted:
             self.name += f"(max_overhead {max_overhead:g})"
         if device_snapshot != "auto":
             self.name += f"(device snapshot {device_snapshot})"
@@ -289,9 +290,10 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
     # The first save allocates (the skip method has no earlier chance). A budgeted method
     # (checkpoint.max_overhead) would charge that one-time cost to the measured saves, so it
     # gets a second, ordinary setup save: the one its budget starts from.
-    setup = 2 if "max_overhead" in method.name else 1
+    budgeted = getattr(method, "budgeted", False)
+    setup = 2 if budgeted else 1
     for _ in range(setup):
-        (method.save_now if setup == 2 else method.save)(step, app)
+        (method.save_now if budgeted else method.save)(step, app)
         method.flush()
         step += 1
         work.run()
@@ -323,7 +325,7 @@ def every_step_ab(method, app: dict, work: Work, blocks: int, block_steps: int) 
            "overhead_pct": 100 * (sum(t[True]) / sum(t[False]) - 1),
            "pair_overhead_pct": sorted(100 * x for x in pairs), "block_s": {"saving": t[True], "not": t[False]},
            "per_save_median_s": med}
-    if "max_overhead" in method.name:  # the budget's share is of the whole loop, idle blocks too
+    if budgeted:  # the budget's share is of the whole loop, idle blocks too
         total = sum(t[True]) + sum(t[False])
         out["whole_loop_pct"] = 100 * (total / (2 * sum(t[False])) - 1)
         out["budget_cost_pct"] = 100 * sum(r.get("loop_cost_s") or 0 for r in recs[setup:]) / total

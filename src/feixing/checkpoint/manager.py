@@ -162,8 +162,10 @@ class Manager:
 
     def maybe_save(self, step: int, app_state: dict, force: bool = False) -> bool:
         """After optimizer step `step`: save if `step % interval == 0` (or `force`)."""
+        in_flight = None  # polled once per step, and only where a rule below needs it
         if self.budget.share > 0:  # off by default: nothing added to the step
-            self.budget.step(self.busy())
+            in_flight = self.busy()
+            self.budget.step(in_flight)
         if not force and (self.cfg.interval == 0 or step % self.cfg.interval != 0):
             if self.stager is None and self.cfg.interval > 0 and not self._prealloc_failed:
                 self._preallocate(app_state)
@@ -171,9 +173,9 @@ class Manager:
             return False
         t0 = time.perf_counter()
         if not force and (self.cfg.when_busy == "skip" or self.budget.share > 0):
-            busy = self.cfg.when_busy == "skip" and self.busy()
-            within = self.budget.allows(waited_s(self.stats[-1]) if self.stats else 0.0)
-            if not self._all_ok(not busy and within):
+            busy = self.cfg.when_busy == "skip" and (self.busy() if in_flight is None else in_flight)
+            ok = not busy and self.budget.allows(waited_s(self.stats[-1]) if self.stats else 0.0)
+            if not self._all_ok(ok):
                 if not self.skipped:
                     log.info("checkpoint at step %d skipped: %s; each commit line counts the skips before it", step,
                              "the previous save is still being written (checkpoint.when_busy = 'skip')" if busy else
